@@ -1,0 +1,82 @@
+"""`m3lab` command line: run the DAG, list its stages, show resolved params, stop stray servers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from m3lab.dag import STAGES, RunError, run
+from m3lab.params import DEFAULT_PROFILE, ParamsError, load_params
+from m3lab.stage import StageError, results_root
+
+__all__ = ["main"]
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    rep = run(a.params, only=a.only, from_=a.from_, force=a.force)
+    print(f"index: {rep.index_html}")
+    return 0 if rep.status == "ok" else 1
+
+
+def _cmd_stages(a: argparse.Namespace) -> int:
+    for i, st in enumerate(STAGES.values(), 1):
+        deps = ", ".join(st.deps) or "—"
+        print(f"{i}. {st.name:<12} notebooks/{st.notebook:<22} params: {', '.join(st.sections):<24} after: {deps}")
+    return 0
+
+
+def _cmd_show(a: argparse.Namespace) -> int:
+    p = load_params(a.params)
+    sys.stdout.write(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    return 0
+
+
+def _cmd_stop(a: argparse.Namespace) -> int:
+    from m3lab.serve import stop_all
+
+    run_dir = Path(a.run_dir) if a.run_dir else results_root() / a.profile / "interactive"
+    stopped = stop_all(run_dir)
+    print(f"stopped {len(stopped)} server(s) recorded under {run_dir / 'servers'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="m3lab", description="Reproduce quantized MiniMax-M3 results: "
+                                 "download → quantize → serve → correctness → needle → benchmark → plot.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the DAG for a params profile (default: the embedded tiny model on CPU)")
+    r.add_argument("params", nargs="?", default=None, help=f"profile name or YAML path (default {DEFAULT_PROFILE})")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--only", metavar="STAGE", help="run just this stage (reusing earlier outputs upstream)")
+    g.add_argument("--from", dest="from_", metavar="STAGE", help="re-run this stage and everything after it")
+    r.add_argument("--force", action="store_true", help="re-run stages even if unchanged")
+    r.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("stages", help="list the stages in DAG order")
+    s.set_defaults(fn=_cmd_stages)
+
+    sh = sub.add_parser("show", help="print the resolved (merged, validated) params of a profile")
+    sh.add_argument("params", nargs="?", default=None)
+    sh.set_defaults(fn=_cmd_show)
+
+    st = sub.add_parser("stop", help="stop servers left running by interactive notebook sessions")
+    st.add_argument("profile", nargs="?", default=DEFAULT_PROFILE)
+    st.add_argument("--run-dir", default=None, help="a run folder (default results/<profile>/interactive)")
+    st.set_defaults(fn=_cmd_stop)
+
+    a = ap.parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ParamsError, RunError, StageError) as e:
+        print(f"m3lab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

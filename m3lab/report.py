@@ -1,0 +1,286 @@
+"""The run's products for people and for scripts: per-stage HTML, index.html, summary.json, provenance.json.
+
+Every HTML page is self-contained: nbconvert's `basic` template (no CDN scripts) inside a small page of our
+own, images inlined as data URIs. `summary.json` holds every headline number of the run in one place; its keys
+are documented in the README ("summary.json") and built by `headline()` below, one small function per stage.
+A stage that did not run contributes `{"status": "not run", "reason": ...}` — never a number.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from m3lab.params import REPO_ROOT, Params, params_hash
+from m3lab.stage import read_json, write_json
+
+if TYPE_CHECKING:
+    from m3lab.dag import RunReport
+
+__all__ = ["notebook_to_html", "headline", "build_summary", "provenance", "write_index", "finish_run"]
+
+SUMMARY_SCHEMA = "m3lab.summary/1"
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#1b1f23;line-height:1.45}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #d0d7de;padding:.3em .6em;
+text-align:left;vertical-align:top}th{background:#f6f8fa}pre{background:#f6f8fa;padding:.6em;overflow-x:auto;
+font-size:.85em}img{max-width:100%}.ok{color:#1a7f37;font-weight:600}.failed,.interrupted{color:#cf222e;
+font-weight:600}.reused{color:#6e7781}.notrun{color:#9a6700}.jp-InputPrompt,.jp-OutputPrompt{display:none}
+.jp-Cell{margin:.4em 0}.jp-InputArea-editor{background:#f6f8fa;padding:.2em .6em;border-left:3px solid #d0d7de}
+.jp-RenderedText pre,.jp-OutputArea-output pre{background:none;padding:0}
+"""
+
+PACKAGES = ["m3lab", "torch", "transformers", "vllm", "llmcompressor", "compressed-tensors", "lm_eval",
+            "papermill", "huggingface_hub", "pandas", "matplotlib", "tokenizers", "safetensors"]
+
+
+def _page(title: str, body: str) -> str:
+    from pygments.formatters import HtmlFormatter
+
+    css = _CSS + HtmlFormatter().get_style_defs(".highlight")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{css}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def notebook_to_html(notebook: Path, out: Path, title: str) -> Path:
+    """Executed notebook → one self-contained HTML page (no external scripts or stylesheets)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    body, _ = HTMLExporter(template_name="basic").from_notebook_node(nb)
+    back = '<p><a href="../index.html">← run index</a></p>'
+    out.write_text(_page(title, back + body), encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Headline numbers, one extractor per stage: result.json → the few numbers a dashboard wants.
+
+
+def _download(r: dict) -> dict:
+    return {k: r.get(k) for k in ("repo_id", "revision", "commit", "total_bytes")} | {"files": len(r.get("files", []))}
+
+
+def _quantize(r: dict) -> dict:
+    rep = r.get("report") or {}
+    return {"recipe": r.get("recipe"), "size_bytes": rep.get("size_bytes"),
+            "bits_per_weight": rep.get("bits_per_weight"),
+            "shared_expert_check": (rep.get("shared_expert_check") or {}).get("passed")}
+
+
+def _serve(r: dict) -> dict:
+    s = r.get("server", {})
+    return {"engine": s.get("engine"), "engine_version": r.get("engine_version"), "startup_s": s.get("startup_s"),
+            "command": s.get("command")}
+
+
+def _correctness(r: dict) -> dict:
+    par = r.get("parity", {})
+    return {"pass_rate": r.get("pass_rate"), "passed": r.get("passed"), "total": r.get("total"),
+            "parity_match_rate": par.get("match_rate"), "parity_passed": par.get("passed"),
+            "parity_status": par.get("status")}
+
+
+def _needle(r: dict) -> dict:
+    return {k: r.get(k) for k in ("accuracy", "hits", "cells_run", "cells_total")}
+
+
+_BENCH_KEYS = ["concurrency", "completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms",
+               "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
+               "median_e2el_ms", "p99_e2el_ms"]
+
+
+def _benchmark(r: dict) -> dict:
+    return {"levels": [{k: lvl.get(k) for k in _BENCH_KEYS if k in lvl} for lvl in r.get("levels", [])]}
+
+
+_HEADLINES = {"download": _download, "quantize": _quantize, "serve": _serve, "correctness": _correctness,
+              "needle": _needle, "benchmark": _benchmark}
+
+
+def headline(run_dir: Path, stage: str, status: dict[str, Any]) -> dict[str, Any]:
+    if status.get("status") not in ("ok", "reused"):
+        return {"status": "not run", "reason": status.get("error") or status.get("reason") or status.get("status")}
+    path = run_dir / stage / "result.json"
+    if not path.is_file():
+        return {"status": "not run", "reason": f"{stage} wrote no result.json"}
+    return {"status": status["status"], **_HEADLINES[stage](read_json(path))}
+
+
+def build_summary(rep: RunReport, duration_s: float) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "schema": SUMMARY_SCHEMA,
+        "profile": rep.profile,
+        "run_id": rep.run_id,
+        "status": rep.status,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(duration_s, 2),
+        "stages": {n: {k: v for k, v in s.items() if k in ("status", "duration_s", "reused_from", "reason", "error")}
+                   for n, s in rep.stages.items()},
+    }
+    for stage in _HEADLINES:
+        summary[stage] = headline(rep.run_dir, stage, rep.stages.get(stage, {"status": "not run",
+                                                                             "reason": "not reached"}))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Provenance: what exactly produced these numbers.
+
+
+def _git_sha() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _gpus() -> list[str]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        pass
+    return []
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(params: Params, run_dir: Path) -> dict[str, Any]:
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    checkpoints = {}
+    for stage in ("download", "quantize"):
+        path = run_dir / stage / "result.json"
+        if path.is_file():
+            r = read_json(path)
+            checkpoints[stage] = {k: r[k] for k in ("commit", "digest", "model_dir") if k in r}
+    return {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpu": _cpu(),
+        "cpu_count": os.cpu_count(),
+        "gpus": _gpus(),
+        "git_sha": _git_sha(),
+        "packages": versions,
+        "params_hash": params_hash(params),
+        "checkpoints": checkpoints,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# index.html
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _headline_rows(summary: dict[str, Any]) -> str:
+    rows = []
+    for stage in _HEADLINES:
+        h = summary.get(stage, {})
+        if h.get("status") == "not run":
+            rows.append(f"<tr><td>{stage}</td><td class='notrun' colspan=2>not run: {_fmt(h.get('reason'))}</td></tr>")
+            continue
+        if stage == "benchmark":
+            for lvl in h.get("levels", []):
+                txt = ", ".join(f"{k} {_fmt(lvl.get(k))}" for k in ("output_throughput", "median_ttft_ms",
+                                                                    "median_tpot_ms", "p99_e2el_ms") if k in lvl)
+                rows.append(f"<tr><td>benchmark</td><td>concurrency {_fmt(lvl.get('concurrency'))}</td>"
+                            f"<td>{txt}</td></tr>")
+            continue
+        items = ", ".join(f"{k} {_fmt(v)}" for k, v in h.items() if k not in ("status", "command"))
+        rows.append(f"<tr><td>{stage}</td><td colspan=2>{items}</td></tr>")
+    return "\n".join(rows)
+
+
+def write_index(run_dir: Path, summary: dict[str, Any], params: Params) -> Path:
+    from m3lab.dag import STAGES
+
+    stage_rows = []
+    for name, st in STAGES.items():
+        s = summary["stages"].get(name, {"status": "not run"})
+        status = s.get("status", "not run")
+        page = run_dir / name / f"{name}.html"
+        link = f"<a href='{name}/{name}.html'>{name}</a>" if page.is_file() else name
+        extra = s.get("error") or s.get("reason") or (f"from run {s['reused_from']}" if s.get("reused_from") else "")
+        dur = f"{s['duration_s']:.1f}s" if isinstance(s.get("duration_s"), (int, float)) else ""
+        stage_rows.append(f"<tr><td>{link}</td><td class='{status.replace(' ', '')}'>{status}</td><td>{dur}</td>"
+                          f"<td>{_fmt(extra)}</td></tr>")
+    figs = sorted((run_dir / "plot").glob("*.png")) if (run_dir / "plot").is_dir() else []
+    fig_html = "".join(f"<figure><img src='data:image/png;base64,{_b64(f)}' alt='{f.stem}'>"
+                       f"<figcaption>{f.stem}</figcaption></figure>" for f in figs)
+    body = f"""
+<h1>m3lab run {html.escape(summary['run_id'])}</h1>
+<p>Profile <b>{html.escape(params.profile)}</b> — {html.escape(params.description)}<br>
+Status <span class='{summary['status']}'>{summary['status']}</span> in {summary['duration_s']:.1f}s.
+Machine-readable: <a href='summary.json'>summary.json</a>, <a href='provenance.json'>provenance.json</a>,
+<a href='params.json'>params.json</a>.</p>
+<h2>Stages</h2>
+<table><tr><th>stage</th><th>status</th><th>time</th><th>note</th></tr>
+{''.join(stage_rows)}</table>
+<h2>Headline numbers</h2>
+<table>{_headline_rows(summary)}</table>
+<h2>Figures</h2>{fig_html or '<p>No figures (the plot stage did not run).</p>'}
+"""
+    out = run_dir / "index.html"
+    out.write_text(_page(f"m3lab {params.profile} {summary['run_id']}", body), encoding="utf-8")
+    return out
+
+
+def _b64(path: Path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def finish_run(rep: RunReport, params: Params, duration_s: float) -> None:
+    """Called by the runner at the end, whatever happened: HTML per stage, summary, provenance, index."""
+    from m3lab.dag import STAGES
+
+    for name, st in STAGES.items():
+        nb = rep.run_dir / name / st.notebook
+        page = rep.run_dir / name / f"{name}.html"
+        if nb.is_file() and rep.stages.get(name, {}).get("status") in ("ok", "failed", "interrupted"):
+            try:
+                notebook_to_html(nb, page, f"{params.profile} · {name}")
+            except Exception as e:  # a broken notebook must not hide the rest of the report
+                page.write_text(_page(name, f"<p>Could not render {nb.name}: {html.escape(str(e))}</p>"))
+    summary = build_summary(rep, duration_s)
+    write_json(rep.run_dir / "summary.json", summary)
+    write_json(rep.run_dir / "provenance.json", provenance(params, rep.run_dir))
+    write_index(rep.run_dir, summary, params)

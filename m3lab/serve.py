@@ -1,0 +1,202 @@
+"""Serve stage: start an OpenAI-compatible server for the checkpoint and wait until it answers.
+
+    engine "transformers"  →  transformers serve MODEL --host H --port P [flags]      (CPU, the embedded default)
+    engine "vllm"          →  vllm serve MODEL --host H --port P --served-model-name N [flags]   (GPU profiles)
+
+Engine flags come from params verbatim (`serve.args: {"--tensor-parallel-size": 8}`), so the command a card's
+author ran is the command we run. The server is a detached process group; its record (pid, command, log) is
+written to `<run_dir>/servers/<name>.json` *before* waiting for health, so the runner can stop it whatever
+happens afterwards (`stop_all`). Later stages call `ensure_alive` when a request fails, so a server that died
+mid-run fails the stage with its log tail instead of a bare connection error.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from m3lab import procs
+from m3lab.stage import StageContext, StageError, read_json, write_json
+
+__all__ = ["ServerRecord", "build_command", "display_command", "check_engine", "start_server", "ensure_alive",
+           "stop_server", "stop_all", "run_stage"]
+
+ENGINE_PACKAGE = {"transformers": "transformers", "vllm": "vllm"}
+
+
+@dataclass
+class ServerRecord:
+    engine: str
+    argv: list[str]  # what was executed
+    command: str  # the same, as a user would type it
+    host: str
+    port: int
+    base_url: str  # http://host:port/v1
+    model: str  # the name to put in requests
+    model_dir: str  # the folder the server loads
+    pid: int
+    log_path: str
+    started_at: float
+    startup_s: float | None = None
+
+
+def _flags(args: dict[str, Any]) -> list[str]:
+    """{"--block-size": 128, "--enforce-eager": true, "--x": false} → ["--block-size", "128", "--enforce-eager"]."""
+    out: list[str] = []
+    for flag, value in args.items():
+        if value is True or value is None:
+            out.append(flag)
+        elif value is False:
+            continue  # a false boolean flag is simply absent
+        elif isinstance(value, (dict, list)):
+            out += [flag, json.dumps(value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def build_command(engine: str, model_dir: str, serve: dict[str, Any], port: int) -> list[str]:
+    """The server's command line as a user would type it (first word: `vllm` or `transformers`)."""
+    host = serve["host"]
+    if engine == "vllm":
+        head = ["vllm", "serve", model_dir, "--host", host, "--port", str(port),
+                "--served-model-name", serve["served_model_name"]]
+    elif engine == "transformers":
+        head = ["transformers", "serve", model_dir, "--host", host, "--port", str(port)]
+    else:
+        raise StageError(f"serve.engine: unknown engine {engine!r}; engines: {', '.join(ENGINE_PACKAGE)}")
+    return head + _flags(serve.get("args") or {})
+
+
+def display_command(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+def _executable(argv: list[str]) -> list[str]:
+    """Run the engine from this interpreter's environment (the GPU host has no `vllm` script on PATH)."""
+    module = {"vllm": "vllm.entrypoints.cli.main", "transformers": "transformers.cli.transformers"}[argv[0]]
+    return [sys.executable, "-m", module, *argv[1:]]
+
+
+def check_engine(engine: str, pinned: str | None) -> str:
+    """The engine's installed version; a clear error if it is missing or differs from the profile's pin."""
+    package = ENGINE_PACKAGE[engine]
+    try:
+        version = metadata.version(package)
+    except metadata.PackageNotFoundError:
+        raise StageError(f"serve.engine: {engine} is not installed in {sys.executable} "
+                         f"(pip install {package}{'==' + pinned if pinned else ''})") from None
+    if pinned and version != pinned:
+        raise StageError(f"serve.engine_version: the profile pins {package}=={pinned}, "
+                         f"but {sys.executable} has {package}=={version}")
+    return version
+
+
+def _pick_port(serve: dict[str, Any]) -> int:
+    host, port = serve["host"], serve.get("port")
+    if port is None:
+        return procs.free_port(host)
+    if not procs.port_is_free(host, port):
+        raise StageError(f"serve.port: port {port} on {host} is already in use (the profile pins it; "
+                         f"free it, or remove serve.port to use a free one)")
+    return port
+
+
+def start_server(engine: str, model_dir: str, serve: dict[str, Any], run_dir: Path, name: str = "server",
+                 model_name: str | None = None) -> ServerRecord:
+    """Start the server, record it, wait for /health. On any failure the server is stopped again."""
+    port = _pick_port(serve)
+    argv = build_command(engine, model_dir, serve, port)
+    log_path = run_dir / "servers" / f"{name}.log"
+    proc = procs.start_detached(_executable(argv), log_path, env=serve.get("env") or {})
+    rec = ServerRecord(
+        engine=engine, argv=argv, command=display_command(argv), host=serve["host"], port=port,
+        base_url=f"http://{serve['host']}:{port}/v1",
+        model=model_name or (serve["served_model_name"] if engine == "vllm" else model_dir),
+        model_dir=model_dir, pid=proc.pid, log_path=str(log_path), started_at=time.time(),
+    )
+    record_path = run_dir / "servers" / f"{name}.json"
+    write_json(record_path, asdict(rec))  # before the wait: the runner must be able to stop it
+    try:
+        rec.startup_s = round(procs.wait_for_server_ready(
+            f"http://{serve['host']}:{port}/health", proc.pid, serve["startup_timeout_s"], log_path), 2)
+    except BaseException:
+        procs.stop_process_tree(proc.pid)
+        record_path.unlink(missing_ok=True)
+        raise
+    write_json(record_path, asdict(rec))
+    return rec
+
+
+def ensure_alive(server: dict[str, Any]) -> None:
+    """Raise ServerDied with the log tail if the server process is gone (call it when a request fails)."""
+    if not procs.pid_alive(server["pid"]):
+        raise procs.ServerDied(f"the {server['engine']} server (pid {server['pid']}, {server['base_url']}) died; "
+                               f"log tail of {server['log_path']}:\n{procs.log_tail(server['log_path'])}")
+
+
+def stop_server(server: dict[str, Any], grace_s: float = 15.0) -> bool:
+    return procs.stop_process_tree(server["pid"], grace_s)
+
+
+def stop_all(run_dir: Path) -> list[str]:
+    """Stop every server recorded under `<run_dir>/servers/`; returns the names stopped."""
+    stopped = []
+    for rec in sorted((Path(run_dir) / "servers").glob("*.json")):
+        server = read_json(rec)
+        if stop_server(server):
+            stopped.append(rec.stem)
+        rec.rename(rec.with_suffix(".stopped.json"))
+    return stopped
+
+
+def _smoke(rec: ServerRecord) -> dict[str, Any]:
+    """One greedy completion: proves the server answers, and warms it up before anything is timed."""
+    body = json.dumps({"model": rec.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{rec.base_url}/completions", body, {"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            out = json.loads(r.read())
+    except Exception as e:
+        ensure_alive(asdict(rec))
+        raise StageError(f"serve: the server at {rec.base_url} is up but /completions failed: {e}") from e
+    return {"first_completion_s": round(time.monotonic() - t0, 3), "text": out["choices"][0]["text"]}
+
+
+def served_checkpoint(engine: str, model_dir: str, text_only: bool) -> str:
+    """The folder the engine loads. transformers serve needs the text-only model (the VL processor needs
+    torchvision); vLLM takes the VL checkpoint as is, or a text-only one in vLLM's layout when asked."""
+    from m3lab import checkpoint
+
+    flavor = "transformers" if engine == "transformers" else ("vllm" if text_only else None)
+    if flavor is None:
+        return model_dir
+    dst = Path(f"{model_dir.rstrip('/')}.text-{flavor}")
+    if not (dst / "config.json").is_file():
+        checkpoint.text_only(Path(model_dir), dst, flavor=flavor)
+    return str(dst)
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    serve, model = ctx.params["serve"], ctx.params["model"]
+    engine = serve["engine"]
+    version = check_engine(engine, serve.get("engine_version"))
+    model_dir = ctx.upstream("quantize")["model_dir"]
+    served_dir = served_checkpoint(engine, model_dir, serve.get("text_only", False))
+    rec = start_server(engine, served_dir, serve, ctx.run_dir)
+    smoke = _smoke(rec)
+    return {
+        "server": asdict(rec),
+        "engine_version": version,
+        "tokenizer_dir": served_dir,
+        "max_model_len": model["max_model_len"],
+        "smoke": smoke,
+    }
