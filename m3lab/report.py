@@ -92,7 +92,8 @@ def _correctness(r: dict) -> dict:
 
 
 def _needle(r: dict) -> dict:
-    return {k: r.get(k) for k in ("accuracy", "hits", "cells_run", "cells_total")}
+    return {"accuracy": r.get("accuracy"), "hits": r.get("n_hit"), "cells_run": r.get("n_run"),
+            "cells_total": len(r.get("cells", []))}
 
 
 _BENCH_KEYS = ["concurrency", "completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms",
@@ -101,7 +102,9 @@ _BENCH_KEYS = ["concurrency", "completed", "failed", "request_throughput", "outp
 
 
 def _benchmark(r: dict) -> dict:
-    return {"levels": [{k: lvl.get(k) for k in _BENCH_KEYS if k in lvl} for lvl in r.get("levels", [])]}
+    from m3lab.plot import benchmark_rows
+
+    return {"levels": [{k: row[k] for k in _BENCH_KEYS if k in row} for row in benchmark_rows(r)]}
 
 
 _HEADLINES = {"download": _download, "quantize": _quantize, "serve": _serve, "correctness": _correctness,
