@@ -61,6 +61,9 @@ class Model(_Section):
     repo_id: str
     revision: str
     max_model_len: int = Field(4096, gt=0)
+    # source=embedded only: TinySpec fields to override (e.g. head_dim: 128 for vLLM's Hopper kernels), and the seed.
+    embedded: dict[str, int | float | str | list[str]] = Field(default_factory=dict)
+    seed: int = 0
 
 
 class Download(_Section):
@@ -75,6 +78,7 @@ class Download(_Section):
 class Quantize(_Section):
     recipe: Literal["none", "fp8_dynamic"] = "none"
     ignore: list[str] | None = None  # None: the recipe's defaults (lm_head, vision, projector, gates, indexer)
+    verify: bool = True  # reload + generate on CPU after quantizing; turn off where the model cannot fit in RAM
 
 
 class Serve(_Section):

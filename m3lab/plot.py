@@ -30,7 +30,8 @@ def needle_table(needle: dict[str, Any]) -> pd.DataFrame:
 
 
 def benchmark_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"concurrency": lv["concurrency"], **lv["metrics"]} for lv in bench["levels"]]
+    """The flat metrics of each level (per-request records left out)."""
+    return [{k: v for k, v in lv.items() if k not in ("requests", "warmup")} for lv in bench["levels"]]
 
 
 _BENCH_COLS = ["concurrency", "completed", "failed", "request_throughput", "output_throughput", "median_ttft_ms",
@@ -56,7 +57,7 @@ def needle_heatmap(needle: dict[str, Any], dpi: int = 110) -> plt.Figure:
     ax.set_yticks(range(len(needle["lengths"])), [str(n) for n in needle["lengths"]])
     ax.set_xlabel("needle depth")
     ax.set_ylabel("context length (tokens)")
-    ax.set_title(f"Needle retrieval: {needle['n_hit']}/{needle['n_run']} ({needle['accuracy']:.0%})")
+    ax.set_title(f"Needle retrieval: {needle['hits']}/{needle['cells_run']} ({needle['accuracy']:.0%})")
     fig.tight_layout()
     return fig
 
@@ -119,7 +120,7 @@ def headline_rows(results: dict[str, dict[str, Any] | None], reasons: dict[str, 
         add("correctness", "serving parity (token match)",
             f"{par['match_rate']:.0%}" if par["status"] == "ok" else f"not run ({par['reason']})")
     if (n := results.get("needle")) is not None:
-        add("needle", "accuracy", f"{n['n_hit']}/{n['n_run']} ({n['accuracy']:.0%})")
+        add("needle", "accuracy", f"{n['hits']}/{n['cells_run']} ({n['accuracy']:.0%})")
     if (b := results.get("benchmark")) is not None:
         for r in benchmark_rows(b):
             add("benchmark", f"c={r['concurrency']} output tok/s", round(r["output_throughput"], 2))

@@ -92,8 +92,7 @@ def _correctness(r: dict) -> dict:
 
 
 def _needle(r: dict) -> dict:
-    return {"accuracy": r.get("accuracy"), "hits": r.get("n_hit"), "cells_run": r.get("n_run"),
-            "cells_total": len(r.get("cells", []))}
+    return {k: r.get(k) for k in ("accuracy", "hits", "cells_run", "cells_total")}
 
 
 _BENCH_KEYS = ["concurrency", "completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms",

@@ -25,8 +25,8 @@ STAGES = {
                     "`none`: pass through) and report size, bits per weight, formats, exclusions and the "
                     "shared-expert check that card 002's loader failed silently.",
                     ['pd.Series({k: v for k, v in result["report"].items() if not isinstance(v, (dict, list))})',
-                     'pd.Series(result["report"].get("format_counts", {}), name="modules")',
-                     'pd.DataFrame(result["report"].get("shared_expert_check", {}).get("layers", []))']),
+                     'pd.Series(result["report"]["formats"], name="modules")',
+                     'pd.Series(result["report"]["shared_expert_check"])']),
     "03_serve": ("serve", "Serve",
                  "Start the profile's engine (`transformers serve` on CPU, `vllm serve` on GPUs) on 127.0.0.1 as a "
                  "detached process, wait for `/health`, and record endpoint, pid, command and log. The runner "

@@ -1,0 +1,653 @@
+"""Async streaming load generator for an OpenAI-compatible /v1/completions server.
+
+A much smaller cousin of vLLM's `vllm/benchmarks/serve.py` ("vllm bench serve"):
+fixed-length random prompts, a closed-loop concurrency sweep, per-request timings
+recorded from the SSE stream, and vLLM's metric names and units so numbers can be
+compared side by side with published vLLM results.
+
+Definitions (same as vLLM unless noted):
+- TTFT  = arrival of the first chunk that carries text - send time.
+- E2EL  = arrival of the last chunk that carries text - send time. (Like vLLM, the
+          trailing usage-only / finish-only chunk and `[DONE]` do not count: they
+          carry no token.)
+- TPOT  = (E2EL - TTFT) / (output_tokens - 1), only for requests with > 1 output
+          token; it averages away chunking.
+- ITL   = gaps between consecutive text chunks, pooled over all requests. This is
+          per *chunk*, not per token: a server that packs several tokens into one
+          SSE event (vLLM with stream intervals / speculative decoding, or
+          `transformers serve` when its queue backs up or its incremental detokenizer
+          holds back a partial UTF-8 token) yields fewer, larger gaps, and events that
+          arrive in the same network read get the same timestamp (gap 0). Compare
+          ITL across servers with care; TPOT is the robust per-token number.
+- Output tokens come from the server's `usage.completion_tokens` when it sends one
+  (we always ask with `stream_options.include_usage`), else from tokenizing the
+  generated text locally (may differ by a token or so); each record says which.
+- duration_s is the wall time of the timed part of one concurrency level (warmup
+  excluded); throughputs divide by it. Statistics of an empty set are 0.0, as in
+  vLLM, so the JSON stays strict (no NaN).
+
+Server notes (transformers 5.17 `transformers serve`, checked against its source and a
+live server): it streams one SSE event per decoded piece of text (a token, or nothing
+while a multi-byte character is incomplete), ends with an empty-text chunk carrying
+finish_reason and usage (always, `stream_options` is ignored) and sends no `[DONE]`;
+it answers 422 to fields outside the OpenAI schema such as `ignore_eos`; and without
+`--continuous-batching` it generates one request at a time, so at concurrency > 1 the
+extra requests queue inside the server and that wait shows up in their TTFT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import csv
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import aiohttp
+import numpy as np
+
+__all__ = [
+    "run_stage",
+    "BenchConfig",
+    "RequestRecord",
+    "BenchMetrics",
+    "LevelResult",
+    "SweepResult",
+    "BenchmarkError",
+    "SSEDecoder",
+    "parse_completion_event",
+    "compute_metrics",
+    "make_prompts",
+    "run_sweep",
+    "run_sweep_async",
+    "save_results",
+]
+
+# vLLM's default --metric-percentiles is "99"; we keep a few more for plots. BenchMetrics
+# has one field per entry, so change both together.
+_PERCENTILES: tuple[int, ...] = (50, 90, 99)
+_LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark could not produce a single successful request (server down, bad URL, ...)."""
+
+
+# -----------------------------------------------------------------------------
+# config and records
+
+
+@dataclass
+class BenchConfig:
+    base_url: str  # server root "http://127.0.0.1:8000" (a trailing "/v1" is tolerated)
+    model: str  # value of the "model" field; transformers serve wants its exact force_model path
+    tokenizer_dir: str  # builds prompts of exact token length and counts output tokens
+    endpoint: str = "/v1/completions"
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4])
+    num_prompts: int = 16  # timed requests per concurrency level
+    input_len: int = 128  # prompt tokens (local tokenizer, without special tokens)
+    output_len: int = 64  # max_tokens
+    ignore_eos: bool = True  # force exactly output_len tokens so levels are comparable
+    # The serving engine (params serve.engine); decides how ignore_eos is asked for: vLLM
+    # takes `ignore_eos: true`, transformers serve rejects unknown fields with 422, so
+    # there we pass a generation_config with min_new_tokens instead.
+    engine: Literal["vllm", "transformers"] = "vllm"
+    temperature: float = 0.0  # greedy: deterministic lengths when ignore_eos is off
+    seed: int = 0
+    warmup: bool = True  # one untimed request before each level (compile, caches, lazy init)
+    request_timeout_s: float = 600.0  # per request, connect to last byte
+    total_timeout_s: float = 3600.0  # whole sweep incl. warmups; unfinished requests fail
+    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every payload last
+
+    def __post_init__(self) -> None:
+        if not self.concurrency or any(int(c) < 1 for c in self.concurrency):
+            raise ValueError(f"concurrency must be a non-empty list of ints >= 1, got {self.concurrency!r}")
+        for name in ("num_prompts", "input_len", "output_len"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("request_timeout_s", "total_timeout_s"):
+            if float(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.engine not in ("vllm", "transformers"):
+            raise ValueError(f"engine must be 'vllm' or 'transformers', got {self.engine!r}")
+        if not self.endpoint.startswith("/"):
+            raise ValueError(f"endpoint must start with '/', got {self.endpoint!r}")
+        self.base_url = self.base_url.rstrip("/")
+        # Accept an OpenAI-style base URL ("http://h:p/v1", what OpenAI clients and the
+        # serve stage's record use) as well as the server root vLLM's bench takes.
+        if self.base_url.endswith("/v1") and self.endpoint.startswith("/v1/"):
+            self.base_url = self.base_url[: -len("/v1")]
+
+    @property
+    def url(self) -> str:
+        return self.base_url + self.endpoint
+
+
+@dataclass
+class RequestRecord:
+    """Everything observed for one request. Times are seconds since the level started."""
+
+    index: int
+    prompt_len: int  # server's usage.prompt_tokens if given, else local count
+    send_s: float = 0.0
+    first_token_s: float | None = None
+    chunk_s: list[float] = field(default_factory=list)  # arrival of each text-bearing chunk
+    end_s: float | None = None  # arrival of the last text-bearing chunk (vLLM's latency end)
+    generated_text: str = ""
+    output_tokens: int = 0
+    output_tokens_source: Literal["usage", "tokenizer", ""] = ""
+    finish_reason: str | None = None
+    success: bool = False
+    error: str = ""
+
+    @property
+    def ttft_s(self) -> float:
+        assert self.first_token_s is not None, f"request {self.index} has no first token"
+        return self.first_token_s - self.send_s
+
+    @property
+    def e2el_s(self) -> float:
+        assert self.end_s is not None, f"request {self.index} has no end time"
+        return self.end_s - self.send_s
+
+    @property
+    def itl_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_s, self.chunk_s[1:])]
+
+
+@dataclass
+class BenchMetrics:
+    """One concurrency level, flat, vLLM's names and units (ms for latencies)."""
+
+    completed: int
+    failed: int
+    total_input_tokens: int
+    total_output_tokens: int
+    duration_s: float  # vLLM's result JSON calls this "duration"
+    request_throughput: float  # completed requests / s
+    output_throughput: float  # output tokens / s
+    total_token_throughput: float  # (input + output tokens) / s
+    mean_ttft_ms: float
+    median_ttft_ms: float
+    std_ttft_ms: float
+    p50_ttft_ms: float
+    p90_ttft_ms: float
+    p99_ttft_ms: float
+    mean_tpot_ms: float
+    median_tpot_ms: float
+    std_tpot_ms: float
+    p50_tpot_ms: float
+    p90_tpot_ms: float
+    p99_tpot_ms: float
+    mean_itl_ms: float
+    median_itl_ms: float
+    std_itl_ms: float
+    p50_itl_ms: float
+    p90_itl_ms: float
+    p99_itl_ms: float
+    mean_e2el_ms: float
+    median_e2el_ms: float
+    std_e2el_ms: float
+    p50_e2el_ms: float
+    p90_e2el_ms: float
+    p99_e2el_ms: float
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    metrics: BenchMetrics
+    records: list[RequestRecord]
+    warmup: RequestRecord | None = None
+    timed_out: bool = False  # total_timeout_s ran out during this level
+
+
+@dataclass
+class SweepResult:
+    config: BenchConfig
+    levels: list[LevelResult]
+    timed_out: bool = False  # later levels were skipped
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON view: config, and per level the flat metrics (report/plot read them at the
+        level's top level, like vLLM's result JSON) plus the per-request records."""
+        return {
+            "config": asdict(self.config),
+            "timed_out": self.timed_out,
+            "levels": [
+                {
+                    "concurrency": lv.concurrency,
+                    **asdict(lv.metrics),
+                    "timed_out": lv.timed_out,
+                    "warmup": asdict(lv.warmup) if lv.warmup is not None else None,
+                    "requests": [asdict(r) for r in lv.records],
+                }
+                for lv in self.levels
+            ],
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per level: the CSV / DataFrame view."""
+        return [{"concurrency": lv.concurrency, **asdict(lv.metrics)} for lv in self.levels]
+
+
+# -----------------------------------------------------------------------------
+# metric math (pure)
+
+
+def _stats(values_s: Sequence[float], name: str) -> dict[str, float]:
+    """mean/median/std/pXX in ms of a list in seconds; numpy's defaults like vLLM (linear
+    interpolation percentiles, population std). Empty -> all 0.0, as vLLM does."""
+    arr = np.asarray(values_s, dtype=np.float64) * 1000.0
+    if arr.size == 0:
+        arr = np.zeros(1)
+    out = {
+        f"mean_{name}_ms": float(arr.mean()),
+        f"median_{name}_ms": float(np.median(arr)),
+        f"std_{name}_ms": float(arr.std()),
+    }
+    for p in _PERCENTILES:
+        out[f"p{p}_{name}_ms"] = float(np.percentile(arr, p))
+    return out
+
+
+def compute_metrics(records: Sequence[RequestRecord], duration_s: float) -> BenchMetrics:
+    """Per-request timings -> level metrics. Failed requests only count in `failed`."""
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+    ok = [r for r in records if r.success]
+    ttft = [r.ttft_s for r in ok]
+    e2el = [r.e2el_s for r in ok]
+    # TPOT is undefined for a 1-token answer (no decode step), so those are left out.
+    tpot = [(r.e2el_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [gap for r in ok for gap in r.itl_s]
+    n_in = sum(r.prompt_len for r in ok)
+    n_out = sum(r.output_tokens for r in ok)
+    values: dict[str, Any] = dict(
+        completed=len(ok),
+        failed=len(records) - len(ok),
+        total_input_tokens=n_in,
+        total_output_tokens=n_out,
+        duration_s=float(duration_s),
+        request_throughput=len(ok) / duration_s,
+        output_throughput=n_out / duration_s,
+        total_token_throughput=(n_in + n_out) / duration_s,
+    )
+    for name, vals in zip(_LATENCY_METRICS, (ttft, tpot, itl, e2el)):
+        values.update(_stats(vals, name))
+    return BenchMetrics(**values)
+
+
+# -----------------------------------------------------------------------------
+# SSE
+
+
+class SSEDecoder:
+    """Incremental Server-Sent-Events decoder: bytes in, complete `data:` payloads out.
+
+    Network reads split events anywhere (even inside a UTF-8 character), so we buffer
+    until the blank line that ends an event. Comments (":ping") and other fields
+    (event:, id:, retry:) are dropped; multi-line data is joined with "\\n" per spec.
+    """
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._buf = ""
+        self._cr = ""  # a trailing "\r" may be the first half of a "\r\n" split across reads
+
+    def feed(self, chunk: bytes) -> list[str]:
+        text = self._cr + self._utf8.decode(chunk)
+        self._cr = ""
+        if text.endswith("\r"):
+            text, self._cr = text[:-1], "\r"
+        self._buf += text.replace("\r\n", "\n").replace("\r", "\n")
+        out: list[str] = []
+        while "\n\n" in self._buf:
+            event, self._buf = self._buf.split("\n\n", 1)
+            data = [line[5:].removeprefix(" ") for line in event.split("\n") if line.startswith("data:")]
+            if data:
+                out.append("\n".join(data))
+        return out
+
+    def flush(self) -> list[str]:
+        """End of stream: a last event without its blank line still counts."""
+        rest = self.feed(b"\n\n") if (self._buf + self._cr).strip() else []
+        self._buf, self._cr = "", ""
+        return rest
+
+
+def parse_completion_event(payload: str) -> dict[str, Any]:
+    """One SSE data payload of /v1/completions -> {"done", "text", "finish_reason", "usage", "error"}.
+
+    `text` is None for events that carry no token: the final usage-only chunk (vLLM),
+    the empty finish chunk (transformers serve), `[DONE]`, errors.
+    """
+    out: dict[str, Any] = {"done": False, "text": None, "finish_reason": None, "usage": None, "error": None}
+    if payload.strip() == "[DONE]":
+        out["done"] = True
+        return out
+    data = json.loads(payload)
+    if "error" in data:  # both servers report mid-stream failures this way
+        err = data["error"]
+        out["error"] = err.get("message", json.dumps(err)) if isinstance(err, dict) else str(err)
+        return out
+    out["usage"] = data.get("usage")
+    choices = data.get("choices") or []
+    if choices:
+        choice = choices[0]
+        text = choice.get("text")
+        if text is None:  # chat-style delta, in case someone points us at chat/completions
+            text = (choice.get("delta") or {}).get("content")
+        out["finish_reason"] = choice.get("finish_reason")
+        # An empty string mid-stream is a real token that decoded to nothing (vLLM does
+        # this for special tokens); an empty string together with finish_reason/usage
+        # is just the closing bookkeeping chunk.
+        if text or (text == "" and out["finish_reason"] is None and out["usage"] is None):
+            out["text"] = text
+    return out
+
+
+# -----------------------------------------------------------------------------
+# prompts
+
+
+def _load_tokenizer(tokenizer_dir: str):
+    from transformers import AutoTokenizer  # heavy import; keep module import cheap
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:  # noqa: BLE001 - re-raise with the key that pointed at it
+        raise ValueError(f"tokenizer_dir={tokenizer_dir!r}: cannot load a tokenizer ({e})") from e
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _clean_vocab(tokenizer) -> list[int]:
+    """Ids that decode on their own to printable text. Byte-level BPE has tokens that are
+    half a UTF-8 character; sampled alone they decode to U+FFFD and never re-encode to
+    the same length, so we leave them (and special tokens) out."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)
+    vocab = [i for i, t in zip(ids, texts) if t.strip() and "\ufffd" not in t and t.isprintable()]
+    if not vocab:
+        raise ValueError("tokenizer has no printable non-special tokens to sample prompts from")
+    return vocab
+
+
+def make_prompts(
+    tokenizer, n: int, input_len: int, seed: int, vocab: list[int] | None = None
+) -> list[tuple[str, int]]:
+    """n prompts of ~input_len tokens from random vocabulary ids (like vLLM's "random" dataset).
+
+    decode(ids) does not re-encode to the same ids (merges across the joins), so we
+    re-encode, cut or pad, and repeat until the text is exactly input_len tokens, or
+    take the closest after a few rounds. Returns (prompt, token_count) pairs.
+    Pass `vocab` (from a previous call's `_clean_vocab`) to skip re-scanning a big vocabulary.
+    """
+    rng = random.Random(seed)
+    vocab = vocab if vocab is not None else _clean_vocab(tokenizer)
+    prompts: list[tuple[str, int]] = []
+    for _ in range(n):
+        ids = [rng.choice(vocab) for _ in range(input_len)]
+        best: tuple[str, int] | None = None
+        for _attempt in range(10):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            got = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if best is None or abs(len(got) - input_len) < abs(best[1] - input_len):
+                best = (text, len(got))
+            if len(got) == input_len:
+                break
+            ids = got[:input_len] + [rng.choice(vocab) for _ in range(input_len - len(got))]
+        assert best is not None
+        prompts.append(best)
+    return prompts
+
+
+# -----------------------------------------------------------------------------
+# one request
+
+
+def _payload(cfg: BenchConfig, prompt: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": cfg.model,
+        "prompt": prompt,
+        "max_tokens": cfg.output_len,
+        "temperature": cfg.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},  # transformers serve ignores it but always sends usage
+    }
+    if cfg.ignore_eos:
+        if cfg.engine == "vllm":
+            body["ignore_eos"] = True
+        else:
+            # transformers serve replaces (not merges) the model's generation config with
+            # this JSON; fine for benchmarking, where only the length matters.
+            body["generation_config"] = json.dumps({"min_new_tokens": cfg.output_len, "do_sample": False})
+    body.update(cfg.extra_body)
+    return body
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    cfg: BenchConfig,
+    tokenizer,
+    rec: RequestRecord,
+    prompt: str,
+    t0: float,
+) -> RequestRecord:
+    """Stream one completion into `rec`. Never raises except on cancellation."""
+    dec = SSEDecoder()
+    texts: list[str] = []
+    usage: dict[str, Any] | None = None
+    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
+
+    def handle(payload: str, now: float) -> bool:
+        """Fold one SSE payload into rec; True when the stream is over."""
+        nonlocal usage
+        ev = parse_completion_event(payload)
+        if ev["error"] is not None:
+            rec.error = f"server error mid-stream from {cfg.url}: {ev['error']}"
+            return True
+        if ev["usage"]:
+            usage = ev["usage"]
+        if ev["finish_reason"] is not None:
+            rec.finish_reason = ev["finish_reason"]
+        if ev["text"] is not None:
+            if rec.first_token_s is None:
+                rec.first_token_s = now
+            rec.chunk_s.append(now)
+            rec.end_s = now
+            texts.append(ev["text"])
+        return ev["done"]
+
+    rec.send_s = time.perf_counter() - t0
+    try:
+        async with session.post(cfg.url, json=_payload(cfg, prompt), timeout=timeout) as resp:
+            if resp.status != 200:
+                body = (await resp.text())[:500]
+                rec.error = f"HTTP {resp.status} from {cfg.url}: {body}"
+                return rec
+            done = False
+            async for chunk in resp.content.iter_any():
+                now = time.perf_counter() - t0  # one timestamp per network read
+                for payload in dec.feed(chunk):
+                    if done := handle(payload, now):
+                        break
+                if done:
+                    break
+            if not done:
+                for payload in dec.flush():
+                    handle(payload, time.perf_counter() - t0)
+    except asyncio.CancelledError:
+        raise
+    except asyncio.TimeoutError:
+        rec.error = f"request timed out after request_timeout_s={cfg.request_timeout_s} ({cfg.url})"
+        return rec
+    except Exception as e:  # noqa: BLE001 - connection refused/reset: a failed request, not a crash
+        rec.error = f"{type(e).__name__} talking to {cfg.url}: {e}"
+        return rec
+
+    if rec.error:  # error event mid-stream
+        return rec
+    rec.generated_text = "".join(texts)
+    if rec.first_token_s is None:
+        rec.error = f"stream from {cfg.url} ended without any text chunk (cannot measure TTFT)"
+        return rec
+    if rec.finish_reason is None:
+        # Both vLLM and transformers serve close every stream with a finish_reason (only
+        # vLLM sends [DONE]); a stream that just stops was cut: the server died mid-answer.
+        rec.error = f"stream from {cfg.url} closed before any finish_reason (server died mid-response?)"
+        return rec
+    if usage and usage.get("completion_tokens") is not None:
+        rec.output_tokens = int(usage["completion_tokens"])
+        rec.output_tokens_source = "usage"
+    else:
+        rec.output_tokens = _count(tokenizer, rec.generated_text)
+        rec.output_tokens_source = "tokenizer"
+    if usage and usage.get("prompt_tokens") is not None:
+        rec.prompt_len = int(usage["prompt_tokens"])  # includes BOS etc., like vLLM reports
+    rec.success = True
+    return rec
+
+
+# -----------------------------------------------------------------------------
+# sweep
+
+
+async def _run_level(
+    session: aiohttp.ClientSession,
+    cfg: BenchConfig,
+    tokenizer,
+    concurrency: int,
+    prompts: list[tuple[str, int]],
+    warmup_prompt: tuple[str, int] | None,
+    deadline: float,
+) -> LevelResult:
+    t0 = time.perf_counter()
+    warm: RequestRecord | None = None
+    if warmup_prompt is not None:
+        warm = RequestRecord(index=-1, prompt_len=warmup_prompt[1])
+        try:
+            await asyncio.wait_for(
+                _send(session, cfg, tokenizer, warm, warmup_prompt[0], t0),
+                timeout=max(deadline - time.perf_counter(), 1e-3),
+            )
+        except asyncio.TimeoutError:
+            warm.error = f"warmup cut by total_timeout_s={cfg.total_timeout_s}"
+
+    sem = asyncio.Semaphore(concurrency)
+    records = [RequestRecord(index=i, prompt_len=n) for i, (_, n) in enumerate(prompts)]
+    t0 = time.perf_counter()  # timed part starts after warmup
+
+    async def limited(rec: RequestRecord, prompt: str) -> None:
+        async with sem:
+            await _send(session, cfg, tokenizer, rec, prompt, t0)
+
+    tasks = [asyncio.create_task(limited(r, p)) for r, (p, _) in zip(records, prompts)]
+    _, pending = await asyncio.wait(tasks, timeout=max(deadline - time.perf_counter(), 1e-3))
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    duration = time.perf_counter() - t0
+    for rec, task in zip(records, tasks):
+        if task in pending:
+            rec.success = False
+            rec.error = f"not finished within total_timeout_s={cfg.total_timeout_s}"
+    return LevelResult(
+        concurrency=concurrency,
+        metrics=compute_metrics(records, duration),
+        records=records,
+        warmup=warm,
+        timed_out=bool(pending),
+    )
+
+
+async def run_sweep_async(cfg: BenchConfig, tokenizer=None) -> SweepResult:
+    """Run every concurrency level in order; see `run_sweep`."""
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg.tokenizer_dir)
+    deadline = time.perf_counter() + cfg.total_timeout_s
+    levels: list[LevelResult] = []
+    vocab = _clean_vocab(tokenizer)
+    # Connection pool as large as the largest level so the semaphore, not aiohttp, limits.
+    connector = aiohttp.TCPConnector(limit=max(cfg.concurrency) + 1, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+        for li, conc in enumerate(cfg.concurrency):
+            if time.perf_counter() >= deadline:
+                return SweepResult(config=cfg, levels=levels, timed_out=True)
+            # Fresh prompts per level (seeded by level) so a prefix cache cannot make
+            # later levels look faster than earlier ones.
+            prompts = make_prompts(tokenizer, cfg.num_prompts + int(cfg.warmup), cfg.input_len,
+                                   seed=cfg.seed * 1000 + li, vocab=vocab)
+            warm = prompts.pop() if cfg.warmup else None
+            level = await _run_level(session, cfg, tokenizer, int(conc), prompts, warm, deadline)
+            levels.append(level)
+            if level.metrics.completed == 0:
+                first = next((r.error for r in level.records if r.error), "no error recorded")
+                raise BenchmarkError(
+                    f"all {len(level.records)} requests to {cfg.url} failed at concurrency={conc}; "
+                    f"is the server up? first error: {first}"
+                )
+            if level.timed_out:
+                return SweepResult(config=cfg, levels=levels, timed_out=True)
+    return SweepResult(config=cfg, levels=levels)
+
+
+def run_sweep(cfg: BenchConfig, tokenizer=None) -> SweepResult:
+    """Blocking entry point for notebooks/scripts. Raises BenchmarkError if a whole level fails.
+
+    Partial failures (some requests erroring) are recorded, not raised. Everything is
+    bounded: num_prompts per level, request_timeout_s per request, total_timeout_s for
+    the sweep (then unfinished requests fail and remaining levels are skipped).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run_sweep_async(cfg, tokenizer))
+    # Jupyter/papermill kernels already run an event loop, where asyncio.run refuses to
+    # start; give the sweep its own loop in a worker thread (or `await run_sweep_async`).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, run_sweep_async(cfg, tokenizer)).result()
+
+
+def save_results(result: SweepResult, out_dir: str | Path, stem: str = "benchmark") -> tuple[Path, Path]:
+    """Write <stem>.json (config, per-level metrics, per-request records) and <stem>.csv (one row per level)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
+    json_path.write_text(json.dumps(result.to_dict(), indent=1))
+    cols = ["concurrency"] + [f.name for f in fields(BenchMetrics)]
+    with csv_path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(result.rows())
+    return json_path, csv_path
+
+
+def run_stage(ctx) -> dict[str, Any]:
+    """The DAG's benchmark stage: the params sweep against the served model; JSON + CSV in the stage folder."""
+    from m3lab.serve import ensure_alive
+
+    cfg = ctx.params["benchmark"]
+    serve = ctx.upstream("serve")
+    server = serve["server"]
+    bench = BenchConfig(
+        base_url=server["base_url"], model=server["model"], tokenizer_dir=serve["tokenizer_dir"],
+        engine=server["engine"], concurrency=cfg["concurrency"], num_prompts=cfg["num_prompts"],
+        input_len=cfg["input_len"], output_len=cfg["output_len"], ignore_eos=cfg["ignore_eos"], seed=cfg["seed"],
+        request_timeout_s=cfg["request_timeout_s"],
+    )
+    try:
+        result = run_sweep(bench)
+    except BenchmarkError:
+        ensure_alive(server)  # a dead server is the real cause: say so, with its log tail
+        raise
+    save_results(result, ctx.stage_dir)
+    return result.to_dict()
