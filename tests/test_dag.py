@@ -85,7 +85,7 @@ def test_only_runs_one_stage_plus_the_server_it_needs(params, tmp_path):
 
 
 def test_only_without_earlier_upstream_output_is_a_clear_error(params, tmp_path):
-    with pytest.raises(RunError, match=r"stage 'download' has no earlier output .* --from download"):
+    with pytest.raises(RunError, match=r"stage .download. has no earlier output .* `--from download`"):
         plan_run(params, only="needle", root=tmp_path)
 
 
