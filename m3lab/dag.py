@@ -17,10 +17,12 @@ and on Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,21 +45,25 @@ class RunError(RuntimeError):
 class Stage:
     name: str
     notebook: str
-    module: str  # m3lab module holding the stage's logic (its source is part of the fingerprint)
+    module: str  # m3lab module holding the stage's logic
     sections: tuple[str, ...]  # params sections the stage reads
     deps: tuple[str, ...] = ()
     needs_server: bool = False
     soft_deps: bool = False  # runs even if a dep failed (plot shows what there is)
+    sources: tuple[str, ...] = ()  # further files under m3lab/ (globs) whose content decides the stage's output
 
     def slice(self, params: dict[str, Any]) -> dict[str, Any]:
         return {s: params[s] for s in self.sections}
 
 
 _ORDER = [
-    Stage("download", "01_download.ipynb", "download", ("model", "download")),
-    Stage("quantize", "02_quantize.ipynb", "quantize", ("quantize",), deps=("download",)),
-    Stage("serve", "03_serve.ipynb", "serve", ("serve", "hardware", "model"), deps=("quantize",)),
-    Stage("correctness", "04_correctness.ipynb", "correctness", ("correctness",), deps=("serve",), needs_server=True),
+    Stage("download", "01_download.ipynb", "download", ("model", "download"),
+          sources=("hub.py", "tinymodel.py", "checkpoint.py", "assets/**/*")),
+    Stage("quantize", "02_quantize.ipynb", "quantize", ("quantize",), deps=("download",), sources=("checkpoint.py",)),
+    Stage("serve", "03_serve.ipynb", "serve", ("serve", "hardware", "model"), deps=("quantize",),
+          sources=("procs.py", "checkpoint.py")),
+    Stage("correctness", "04_correctness.ipynb", "correctness", ("correctness",), deps=("serve",), needs_server=True,
+          sources=("client.py",)),
     Stage("needle", "05_needle.ipynb", "needle", ("needle", "model"), deps=("serve",), needs_server=True),
     Stage("benchmark", "06_benchmark.ipynb", "benchmark", ("benchmark",), deps=("serve",), needs_server=True),
     Stage("plot", "07_plot.ipynb", "plot", ("plot",), deps=("correctness", "needle", "benchmark"), soft_deps=True),
@@ -78,7 +84,11 @@ def fingerprints(params: dict[str, Any]) -> dict[str, str]:
         h.update(st.name.encode())
         h.update(params_hash(st.slice(params)).encode())
         h.update(_code_of_notebook(NOTEBOOKS / st.notebook).encode())
-        h.update((REPO_ROOT / "m3lab" / f"{st.module}.py").read_bytes())
+        pkg = REPO_ROOT / "m3lab"
+        files = [pkg / f"{st.module}.py"] + sorted(f for g in st.sources for f in pkg.glob(g) if f.is_file())
+        for f in files:
+            h.update(f.relative_to(pkg).as_posix().encode())
+            h.update(f.read_bytes())
         for d in st.deps:
             h.update(fps[d].encode())
         fps[st.name] = h.hexdigest()
@@ -184,19 +194,39 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send this process's fd 2 (and so the kernel's, which inherits it) to a log file while a stage runs: the
+    terminal shows progress lines, the stage folder keeps the kernel's chatter (`kernel.log`)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _execute_notebook(stage: Stage, run_dir: Path, params: Params, sliced: dict[str, Any]) -> None:
     import papermill
 
     out = run_dir / stage.name / f"{stage.notebook}"
-    papermill.execute_notebook(
-        str(NOTEBOOKS / stage.notebook),
-        str(out),
-        parameters={"profile": params.profile, "run_dir": str(run_dir), "params": sliced},
-        kernel_name="python3",
-        progress_bar=False,
-        cwd=str(NOTEBOOKS),
-        request_save_on_cell_execute=False,
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # tqdm bars (llm-compressor, huggingface_hub) would land in the notebook as widget-less noise.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    with _stderr_to(out.parent / "kernel.log"):
+        papermill.execute_notebook(
+            str(NOTEBOOKS / stage.notebook),
+            str(out),
+            parameters={"profile": params.profile, "run_dir": str(run_dir), "params": sliced},
+            kernel_name="python3",
+            progress_bar=False,
+            cwd=str(NOTEBOOKS),
+            request_save_on_cell_execute=False,
+        )
 
 
 def run(profile: str | Path | None = None, only: str | None = None, from_: str | None = None, force: bool = False,
