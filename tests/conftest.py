@@ -1,0 +1,58 @@
+"""Shared fixtures: the tiny M3 checkpoint (built once per session) and real `transformers serve` servers
+started through `m3lab.serve.start_server`, always stopped at teardown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from m3lab import serve
+from m3lab.stage import read_json
+from m3lab.checkpoint import text_only
+from m3lab.tinymodel import build_tiny_checkpoint
+
+# The cpu-tiny profile's serve section, with a short startup timeout (the tiny model is healthy in ~6 s).
+CPU_SERVE: dict[str, Any] = {
+    "engine": "transformers",
+    "host": "127.0.0.1",
+    "port": None,
+    "served_model_name": "m3",
+    "startup_timeout_s": 120.0,
+    "args": {"--device": "cpu"},
+    "env": {"OMP_NUM_THREADS": "1"},  # 2 cores shared with the test client
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The embedded tiny MiniMax-M3 (VL hub layout, random weights, ~3 s to build)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-m3") / "vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_checkpoint(tiny_checkpoint) -> Path:
+    """Its transformers text-only variant, where `serve.served_checkpoint` would put it."""
+    return text_only(tiny_checkpoint, Path(f"{tiny_checkpoint}.text-transformers"), flavor="transformers")
+
+
+@pytest.fixture
+def start_tiny_server(tiny_text_checkpoint, tmp_path) -> Callable[..., serve.ServerRecord]:
+    """`start(run_dir=None, model_dir=None, name="server", **serve_overrides)` → ServerRecord. At teardown,
+    every server still recorded under a run_dir it used (default `tmp_path / "run"`, also swept when a test
+    starts its server another way, e.g. `serve.run_stage`) is stopped."""
+    run_dirs: list[Path] = [tmp_path / "run"]
+
+    def start(run_dir: Path | None = None, model_dir: str | Path | None = None, name: str = "server",
+              **overrides: Any) -> serve.ServerRecord:
+        run_dir = Path(run_dir or run_dirs[0])
+        run_dirs.append(run_dir)
+        return serve.start_server("transformers", str(model_dir or tiny_text_checkpoint),
+                                  {**CPU_SERVE, **overrides}, run_dir, name=name)
+
+    yield start
+    for run_dir in run_dirs:  # records the test did not stop itself (stop_all would also revisit *.stopped.json)
+        for rec in (run_dir / "servers").glob("*.json"):
+            if not rec.name.endswith(".stopped.json"):
+                serve.stop_server(read_json(rec), grace_s=5)
