@@ -66,7 +66,8 @@ _ORDER = [
           sources=("client.py",)),
     Stage("needle", "05_needle.ipynb", "needle", ("needle", "model"), deps=("serve",), needs_server=True),
     Stage("benchmark", "06_benchmark.ipynb", "benchmark", ("benchmark",), deps=("serve",), needs_server=True),
-    Stage("plot", "07_plot.ipynb", "plot", ("plot",), deps=("correctness", "needle", "benchmark"), soft_deps=True),
+    Stage("plot", "07_plot.ipynb", "plot", ("plot", "claims"), deps=("correctness", "needle", "benchmark"),
+          soft_deps=True, sources=("claims.py",)),
 ]
 STAGES: dict[str, Stage] = {s.name: s for s in _ORDER}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ParamsError",
@@ -50,16 +50,31 @@ class _Section(BaseModel):
 class Hardware(_Section):
     name: str = "cpu"
     accelerator: Literal["none", "nvidia", "amd", "apple"] = "none"
-    gpus: int = Field(0, ge=0)
-    gpu_memory_gib: float = Field(0.0, ge=0)
+    gpus: int = Field(0, ge=0)  # per node
+    gpu_memory_gib: float = Field(0.0, ge=0)  # per GPU (unified memory on Apple silicon)
+    nodes: int = Field(1, ge=1)  # > 1: vLLM across hosts with the Ray executor
+
+
+class Card(_Section):
+    """The model card a profile reproduces (`../shared/seeds/`)."""
+
+    id: str
+    title: str
+    url: str
+    seed_file: str | None = None
 
 
 class Model(_Section):
     # `embedded`: m3lab builds the tiny M3 and publishes it on a local Hub-compatible server;
     # `hub`: a real repo on the Hugging Face Hub (or any endpoint).
     source: Literal["embedded", "hub"] = "embedded"
-    repo_id: str
+    repo_id: str  # the checkpoint to quantize (the base model) — or the embedded repo
     revision: str
+    # A card's own quantized checkpoint; `use: published` downloads it (and skips quantizing),
+    # `use: reproduce` downloads `repo_id` and runs the card's recipe.
+    published: str | None = None
+    published_revision: str | None = None
+    use: Literal["reproduce", "published"] = "reproduce"
     max_model_len: int = Field(4096, gt=0)
     # source=embedded only: TinySpec fields to override (e.g. head_dim: 128 for vLLM's Hopper kernels), and the seed.
     embedded: dict[str, int | float | str | list[str]] = Field(default_factory=dict)
@@ -75,14 +90,68 @@ class Download(_Section):
     min_free_gb: float = Field(0.0, ge=0)
 
 
+class QuarkOptions(_Section):
+    """AMD Quark (card 001): an LLMTemplate registered for minimax_m3_vl, then file-to-file quantization."""
+
+    model_type: str = "minimax_m3_vl"
+    kv_layers_name: list[str]
+    q_layer_name: str
+    exclude_layers_name: list[str]  # the template's exclusions
+    scheme: Literal["mxfp4"] = "mxfp4"
+    exclude_layers: list[str]  # passed to template.get_config(exclude_layers=...)
+    file_to_file: bool = True  # ModelQuantizer.direct_quantize_checkpoint: no full model load
+
+
+class AutoRoundOptions(_Section):
+    """AutoRound mixed-bit (card 002): per-module bits from a set, one group size."""
+
+    bits: list[int] = Field(min_length=1)  # the bit widths the mix uses, e.g. [2, 3, 4, 8]
+    average_bits: float = Field(gt=0)  # the card's headline "3.2-bit"
+    group_size: int = Field(gt=0)
+    sym: bool = True
+    # Config fields the card had to force for vLLM's official M3 model (its loader's FORCE dict).
+    hf_overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class MLXOptions(_Section):
+    """MLX affine quantization (card 003): low bits, one group size, more bits on sensitive tensors."""
+
+    bits: int = Field(4, gt=0)
+    group_size: int = Field(64, gt=0)
+    high_bits: int = Field(8, gt=0)
+    high_bits_modules: list[str] = Field(default_factory=list)  # e.g. lm_head, embed_tokens, chosen attention
+    keep_vision: bool = True
+
+
+RECIPE_OPTIONS = {"mxfp4": "quark", "autoround": "autoround", "mlx_q4": "mlx"}
+
+
 class Quantize(_Section):
-    recipe: Literal["none", "fp8_dynamic"] = "none"
+    recipe: Literal["none", "fp8_dynamic", "mxfp4", "autoround", "mlx_q4"] = "none"
+    tool: str | None = None  # informational: llm-compressor, amd-quark, auto-round, mlx-lm (m3lab plan prints it)
     ignore: list[str] | None = None  # None: the recipe's defaults (lm_head, vision, projector, gates, indexer)
     verify: bool = True  # reload + generate on CPU after quantizing; turn off where the model cannot fit in RAM
+    quark: QuarkOptions | None = None
+    autoround: AutoRoundOptions | None = None
+    mlx: MLXOptions | None = None
+
+    @model_validator(mode="after")
+    def _options_match_recipe(self) -> "Quantize":
+        need = RECIPE_OPTIONS.get(self.recipe)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"recipe {self.recipe!r} needs its options under quantize.{need}")
+        return self
+
+
+# Parsers vLLM 0.25 ships that these profiles may name; a typo must not reach a GPU box.
+KNOWN_PARSERS = {
+    "--reasoning-parser": {"minimax_m3", "minimax_m2", "minimax_m2_append_think", "deepseek_r1", "qwen3"},
+    "--tool-call-parser": {"minimax_m3", "minimax_m2", "minimax", "hermes", "qwen3_xml"},
+}
 
 
 class Serve(_Section):
-    engine: Literal["transformers", "vllm"] = "transformers"
+    engine: Literal["transformers", "vllm", "mlx"] = "transformers"
     engine_version: str | None = None  # pin: a different installed version is an error before anything starts
     text_only: bool = False  # serve the language model alone (vLLM's MiniMaxM3SparseForCausalLM layout)
     host: str = "127.0.0.1"
@@ -93,12 +162,19 @@ class Serve(_Section):
     args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
 
+    # Sampling the card's users set server-side (card 003: temperature 1.0, top_p 0.95, top_k 40); m3lab's own
+    # measuring requests stay greedy unless a stage says otherwise.
+    sampling: dict[str, float | int | bool] = Field(default_factory=dict)
+
     @field_validator("args")
     @classmethod
     def _flags_are_flags(cls, v: dict[str, Any]) -> dict[str, Any]:
         for flag in v:
             if not flag.startswith("--"):
                 raise ValueError(f"engine flag {flag!r} must be written as on the command line, e.g. '--{flag}'")
+        for flag, known in KNOWN_PARSERS.items():
+            if flag in v and v[flag] not in known:
+                raise ValueError(f"{flag} {v[flag]!r} is not a parser vLLM knows; known: {sorted(known)}")
         return v
 
 
@@ -116,10 +192,35 @@ class Parity(_Section):
     min_match_rate: float = Field(1.0, ge=0, le=1)
 
 
+# The evals the cards report, by id. A profile naming another id is a typo until someone adds it here.
+KNOWN_EVALS = {"gsm8k", "gsm8k_platinum", "ifeval", "aime25", "gpqa_diamond", "math_500", "lcb_codegen_v6",
+               "mmlu_pro_chat", "tiny_arith", "wikitext2_ppl"}
+
+
+class Eval(_Section):
+    """One accuracy eval, run by the correctness stage against the served model."""
+
+    id: str
+    runner: Literal["lm_eval", "lighteval"] = "lm_eval"
+    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)  # the runner's flags, verbatim
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # one run per seed; scores averaged
+    metric: str  # the key in the runner's results, e.g. "exact_match,flexible-extract"
+    limit: int | None = Field(None, gt=0)
+    timeout_s: float = Field(3600.0, gt=0)
+
+    @field_validator("id")
+    @classmethod
+    def _known_eval(cls, v: str) -> str:
+        if v not in KNOWN_EVALS:
+            raise ValueError(f"unknown eval {v!r}; known: {sorted(KNOWN_EVALS)}")
+        return v
+
+
 class Correctness(_Section):
     max_tokens: int = Field(16, gt=0)
     prompts: list[Prompt] = Field(min_length=1)
     parity: Parity = Field(default_factory=Parity)
+    evals: list[Eval] = Field(default_factory=list)
 
 
 class Needle(_Section):
@@ -151,6 +252,55 @@ class Plot(_Section):
     dpi: int = Field(110, gt=0)
 
 
+class Tolerance(_Section):
+    """Exactly one rule (see m3lab.claims)."""
+
+    abs: float | None = Field(None, ge=0)
+    rel: float | None = Field(None, ge=0)
+    stderr: float | None = Field(None, gt=0)
+    range: list[float] | None = Field(None, min_length=2, max_length=2)
+    min: float | None = None
+    max: float | None = None
+    equals: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Tolerance":
+        set_rules = [k for k, v in self.model_dump().items() if v is not None]
+        if len(set_rules) != 1:
+            raise ValueError(f"a tolerance has exactly one rule (abs, rel, stderr, range, min, max, equals); "
+                             f"got {set_rules or 'none'}")
+        return self
+
+    def rule(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Claim(_Section):
+    """A number a card states, the stage that measures it, and how close counts as reproduced."""
+
+    id: str
+    card: str
+    metric: str
+    claimed: float | bool | str | list[float]
+    unit: str = ""
+    baseline: float | None = None
+    kind: Literal["value", "recovery"] = "value"
+    stage: Literal["download", "quantize", "serve", "correctness", "needle", "benchmark", "plot"]
+    measure: str  # dotted path into the stage's result.json (m3lab.claims.lookup)
+    measure_stderr: str | None = None
+    baseline_measure: str | None = None
+    tolerance: Tolerance
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _recovery_has_a_baseline(self) -> "Claim":
+        if self.kind == "recovery" and self.baseline is None and self.baseline_measure is None:
+            raise ValueError("a recovery claim needs the card's baseline or a baseline_measure")
+        if self.tolerance.stderr is not None and not self.measure_stderr:
+            raise ValueError("a stderr tolerance needs measure_stderr (where the stage reports the stderr)")
+        return self
+
+
 class Params(_Section):
     profile: str
     description: str = ""
@@ -164,6 +314,34 @@ class Params(_Section):
     needle: Needle
     benchmark: Benchmark
     plot: Plot = Field(default_factory=Plot)
+    card: Card | None = None
+    claims: list[Claim] = Field(default_factory=list)
+    plan_only: bool = False  # hardware nobody here has: `m3lab plan` only (`m3lab run` refuses)
+
+    @model_validator(mode="after")
+    def _parallelism_fits_the_hardware(self) -> "Params":
+        if self.serve.engine != "vllm":
+            return self
+        tp = int(self.serve.args.get("--tensor-parallel-size") or 1)
+        pp = int(self.serve.args.get("--pipeline-parallel-size") or 1)
+        have = max(self.hardware.gpus, 1) * self.hardware.nodes
+        if tp * pp > have:
+            raise ValueError(f"serve.args: --tensor-parallel-size {tp} × --pipeline-parallel-size {pp} needs "
+                             f"{tp * pp} GPUs; the profile declares hardware.gpus {self.hardware.gpus} × "
+                             f"hardware.nodes {self.hardware.nodes} = {have}")
+        if self.hardware.nodes > 1 and self.serve.args.get("--distributed-executor-backend") != "ray":
+            raise ValueError("serve.args: hardware.nodes > 1 needs '--distributed-executor-backend: ray' "
+                             "(vLLM spans hosts only with the Ray executor)")
+        return self
+
+    @model_validator(mode="after")
+    def _claim_ids_are_unique(self) -> "Params":
+        seen: set[str] = set()
+        for c in self.claims:
+            if c.id in seen:
+                raise ValueError(f"claims: id {c.id!r} appears twice")
+            seen.add(c.id)
+        return self
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -283,7 +461,7 @@ def load_params(profile: str | Path | None = None) -> Params:
         for err in e.errors():
             loc = tuple(str(x) for x in err["loc"])
             where = _origin(origins, tuple(err["loc"]), _display(path))
-            lines.append(f"{where}: {'.'.join(loc)}: {_explain(err)}")
+            lines.append(f"{where}: {'.'.join(loc) + ': ' if loc else ''}{_explain(err)}")
         raise ParamsError("\n".join(lines)) from None
 
 

@@ -9,15 +9,36 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dataclasses import asdict
+
 import matplotlib
 
 matplotlib.use("Agg")  # files first; the notebook displays the PNGs it wrote, so the HTML shows the same pixels
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from m3lab.claims import evaluate_claims  # noqa: E402
 from m3lab.stage import StageContext, StageError, read_json  # noqa: E402
 
-__all__ = ["needle_table", "benchmark_table", "benchmark_rows", "needle_heatmap", "latency_throughput",
+
+def _use_cjk_fallback_font() -> None:
+    """Japanese prompts and outputs (card 002's 日本の首都は) need a CJK glyph fallback; matplotlib's DejaVu has
+    none. The IPAex Gothic font ships in the japanize-matplotlib wheel; we register only the font (importing that
+    package would restyle every figure)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("japanize_matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    font = Path(spec.submodule_search_locations[0]) / "fonts" / "ipaexg.ttf"
+    if font.is_file():
+        matplotlib.font_manager.fontManager.addfont(str(font))
+        plt.rcParams["font.family"] = ["DejaVu Sans", "IPAexGothic"]
+
+
+_use_cjk_fallback_font()
+
+__all__ = ["claims_table", "claims_figure", "recovery_figure", "needle_table", "benchmark_table", "benchmark_rows", "needle_heatmap", "latency_throughput",
            "correctness_figure", "headline_rows", "show_figures", "run_stage"]
 
 
@@ -104,6 +125,57 @@ def correctness_figure(corr: dict[str, Any], dpi: int = 110) -> plt.Figure:
     return fig
 
 
+_VERDICT_COLOR = {"reproduced": "#d4edda", "not reproduced": "#f8d7da"}
+
+
+def claims_table(claims: list[dict[str, Any]]) -> pd.DataFrame:
+    """claimed / measured / delta / verdict; a claim that was not measured shows no number."""
+    cols = ["id", "metric", "claimed", "measured", "delta", "unit", "rule", "verdict"]
+    return pd.DataFrame(claims, columns=cols).astype(object).where(lambda d: d.notna(), "—")
+
+
+def claims_figure(claims: list[dict[str, Any]], dpi: int = 110) -> plt.Figure:
+    def cell(v: Any) -> str:
+        return "—" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    rows = [[c["id"], c["metric"][:34], cell(c["claimed"]), cell(c["measured"]), cell(c["delta"]), c["rule"],
+             c["verdict"][:48]] for c in claims]
+    fig, ax = plt.subplots(figsize=(12, 0.42 * (len(rows) + 1.5)), dpi=dpi)
+    ax.axis("off")
+    t = ax.table(cellText=rows, colLabels=["claim", "metric", "claimed", "measured", "delta", "tolerance", "verdict"],
+                 loc="center", cellLoc="left", colWidths=[0.17, 0.25, 0.08, 0.08, 0.07, 0.09, 0.26])
+    t.auto_set_font_size(False)
+    t.set_fontsize(7.5)
+    for i, c in enumerate(claims, 1):
+        t[i, 6].set_facecolor(_VERDICT_COLOR.get(c["verdict"], "#fff3cd"))
+    n_ok = sum(c["verdict"] == "reproduced" for c in claims)
+    n_run = sum(c["measured"] is not None for c in claims)
+    ax.set_title(f"Claims: {n_ok} reproduced of {n_run} measured ({len(claims)} in the ledger)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def recovery_figure(claims: list[dict[str, Any]], dpi: int = 110) -> plt.Figure | None:
+    """Claimed vs measured recovery (%), only for recovery claims that were measured."""
+    rec = [c for c in claims if c.get("kind") == "recovery"]
+    if not rec:
+        return None
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(rec), 3.4), dpi=dpi)
+    xs = range(len(rec))
+    ax.bar([x - 0.2 for x in xs], [c["claimed"] for c in rec], 0.4, label="claimed", color="#9ecae1")
+    ax.bar([x + 0.2 for x in xs], [c["measured"] or 0 for c in rec], 0.4, label="measured", color="#3182bd")
+    for x, c in zip(xs, rec):
+        if c["measured"] is None:
+            ax.text(x + 0.2, 1, "not run", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.axhline(100, color="gray", lw=0.8, ls="--")
+    ax.set_xticks(list(xs), [c["id"] for c in rec], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("recovery (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("Quantized / baseline score")
+    fig.tight_layout()
+    return fig
+
+
 def headline_rows(results: dict[str, dict[str, Any] | None], reasons: dict[str, str]) -> list[dict[str, Any]]:
     """A flat table: stage, metric, value — or 'not run (reason)' where a stage has no result."""
     rows: list[dict[str, Any]] = []
@@ -147,14 +219,21 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             results[stage] = None
             status = ctx.run_dir / stage / "status.json"
             reasons[stage] = read_json(status).get("error", "no result") if status.is_file() else "did not finish"
-    makers = {"correctness": correctness_figure, "needle": needle_heatmap, "benchmark": latency_throughput}
+    claims = [{**asdict(v), "kind": c.get("kind", "value")}
+              for v, c in zip(evaluate_claims(ctx.params["claims"], ctx.run_dir), ctx.params["claims"])]
+    figs: dict[str, plt.Figure | None] = {
+        "correctness": correctness_figure(results["correctness"], dpi) if results["correctness"] else None,
+        "needle": needle_heatmap(results["needle"], dpi) if results["needle"] else None,
+        "benchmark": latency_throughput(results["benchmark"], dpi) if results["benchmark"] else None,
+        "claims": claims_figure(claims, dpi) if claims else None,
+        "recovery": recovery_figure(claims, dpi),
+    }
     figures = []
-    for stage, make in makers.items():
-        if results[stage] is None:
+    for i, (name, fig) in enumerate(figs.items(), 1):
+        if fig is None:
             continue
-        fig = make(results[stage], dpi=dpi)
-        path = ctx.stage_dir / f"{stage}.png"
+        path = ctx.stage_dir / f"{i}-{name}.png"  # index.html shows the figures in this order
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
         figures.append(str(path))
-    return {"figures": figures, "headline": headline_rows(results, reasons), "missing": reasons}
+    return {"figures": figures, "headline": headline_rows(results, reasons), "claims": claims, "missing": reasons}

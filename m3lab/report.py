@@ -133,6 +133,10 @@ def build_summary(rep: RunReport, duration_s: float) -> dict[str, Any]:
     for stage in _HEADLINES:
         summary[stage] = headline(rep.run_dir, stage, rep.stages.get(stage, {"status": "not run",
                                                                              "reason": "not reached"}))
+    plot = rep.run_dir / "plot" / "result.json"
+    summary["claims"] = [{k: c[k] for k in ("id", "card", "metric", "unit", "claimed", "measured", "delta",
+                                            "verdict")} for c in (read_json(plot).get("claims", [])
+                                                                  if plot.is_file() else [])]
     return summary
 
 
@@ -230,6 +234,18 @@ def _headline_rows(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _claims_html(claims: list[dict[str, Any]]) -> str:
+    if not claims:
+        return "<p>This profile states no claims.</p>"
+    rows = "".join(
+        f"<tr><td>{_fmt(c['id'])}</td><td>{_fmt(c['metric'])}</td><td>{_fmt(c['claimed'])} {_fmt(c['unit'])}</td>"
+        f"<td>{_fmt(c['measured'])}</td><td>{_fmt(c['delta'])}</td>"
+        f"<td class='{'ok' if c['verdict'] == 'reproduced' else 'failed' if c['verdict'] == 'not reproduced' else 'notrun'}'>"
+        f"{_fmt(c['verdict'])}</td></tr>" for c in claims)
+    return ("<table><tr><th>claim</th><th>metric</th><th>claimed</th><th>measured</th><th>delta</th>"
+            f"<th>verdict</th></tr>{rows}</table>")
+
+
 def write_index(run_dir: Path, summary: dict[str, Any], params: Params) -> Path:
     from m3lab.dag import STAGES
 
@@ -244,8 +260,9 @@ def write_index(run_dir: Path, summary: dict[str, Any], params: Params) -> Path:
         stage_rows.append(f"<tr><td>{link}</td><td class='{status.replace(' ', '')}'>{status}</td><td>{dur}</td>"
                           f"<td>{_fmt(extra)}</td></tr>")
     figs = sorted((run_dir / "plot").glob("*.png")) if (run_dir / "plot").is_dir() else []
-    fig_html = "".join(f"<figure><img src='data:image/png;base64,{_b64(f)}' alt='{f.stem}'>"
-                       f"<figcaption>{f.stem}</figcaption></figure>" for f in figs)
+    names = [f.stem.split("-", 1)[-1] for f in figs]  # "2-needle" → "needle"
+    fig_html = "".join(f"<figure><img src='data:image/png;base64,{_b64(f)}' alt='{name}'>"
+                       f"<figcaption>{name}</figcaption></figure>" for f, name in zip(figs, names))
     body = f"""
 <h1>m3lab run {html.escape(summary['run_id'])}</h1>
 <p>Profile <b>{html.escape(params.profile)}</b> — {html.escape(params.description)}<br>
@@ -257,6 +274,7 @@ Machine-readable: <a href='summary.json'>summary.json</a>, <a href='provenance.j
 {''.join(stage_rows)}</table>
 <h2>Headline numbers</h2>
 <table>{_headline_rows(summary)}</table>
+<h2>Claims</h2>{_claims_html(summary.get("claims", []))}
 <h2>Figures</h2>{fig_html or '<p>No figures (the plot stage did not run).</p>'}
 """
     out = run_dir / "index.html"

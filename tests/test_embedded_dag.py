@@ -67,8 +67,8 @@ def test_stage_results_come_from_the_real_parts(first_run):
     assert all(lv["completed"] == 4 and lv["failed"] == 0 for lv in bench["levels"])
     assert all(0 < lv["median_ttft_ms"] < lv["median_e2el_ms"] for lv in bench["levels"])
     assert (rep.run_dir / "benchmark" / "benchmark.csv").is_file()
-    assert {p.name for p in (rep.run_dir / "plot").glob("*.png")} == {"correctness.png", "needle.png",
-                                                                      "benchmark.png"}
+    assert {p.name for p in (rep.run_dir / "plot").glob("*.png")} == {"1-correctness.png", "2-needle.png",
+                                                                      "3-benchmark.png"}
 
 
 def test_report_pages_exist_and_are_self_contained(first_run):

@@ -48,9 +48,11 @@ STAGES = {
                      "throughput — with vLLM's benchmark names and units.",
                      ['m3lab.plot.benchmark_table(result)']),
     "07_plot": ("plot", "Plots and summary",
-                "Figures (needle heatmap, latency and throughput vs concurrency, correctness table) and the run's "
-                "headline numbers.",
-                ['m3lab.plot.show_figures(result)', 'pd.DataFrame(result["headline"])']),
+                "The claims ledger (each number the card states: claimed, measured, delta, verdict), figures "
+                "(correctness, needle heatmap, latency and throughput vs concurrency, claims, recovery) and the "
+                "run's headline numbers.",
+                ['m3lab.plot.claims_table(result["claims"])', 'm3lab.plot.show_figures(result)',
+                 'pd.DataFrame(result["headline"])']),
 }
 
 
@@ -61,7 +63,7 @@ def make(name: str, stage: str, title: str, intro: str, shows: list[str]) -> nbf
         nbformat.v4.new_code_cell(
             f"import pandas as pd\n\nimport m3lab.plot\nimport m3lab.stage\nfrom m3lab import {stage}\n\n"
             f"ctx = m3lab.stage.context({stage!r}, profile, run_dir, params)\n"
-            f"result = {stage}.run_stage(ctx)\nctx.save(result)"),
+            f"result = {stage}.run_stage(ctx)\nprint(\"saved\", ctx.save(result))"),
     ]
     cells += [nbformat.v4.new_code_cell(s) for s in shows]
     nb = nbformat.v4.new_notebook(cells=cells)
