@@ -650,4 +650,12 @@ def run_stage(ctx) -> dict[str, Any]:
         ensure_alive(server)  # a dead server is the real cause: say so, with its log tail
         raise
     save_results(result, ctx.stage_dir)
-    return result.to_dict()
+    out = result.to_dict()
+    for lv in out["levels"]:
+        # The single-stream rates cards quote (card 003: "decode ~21.7 tok/s, prefill ~214 tok/s"): decode from
+        # the median TPOT, prefill from the median TTFT (which at concurrency 1 is the prompt's prefill plus one
+        # decode step, so it slightly understates prefill speed).
+        lv["decode_tok_s"] = round(1000.0 / lv["median_tpot_ms"], 3) if lv["median_tpot_ms"] > 0 else None
+        lv["prefill_tok_s"] = round(cfg["input_len"] * 1000.0 / lv["median_ttft_ms"], 3) \
+            if lv["median_ttft_ms"] > 0 else None
+    return out

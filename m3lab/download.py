@@ -459,11 +459,15 @@ def run_stage(ctx) -> dict:
     from m3lab.hub import LocalHub
 
     model, cfg = ctx.params["model"], ctx.params["download"]
-    local_dir = cfg["local_dir"] or str(ctx.cache_dir / "models" / model["repo_id"] / model["revision"])
+    # `use: published` fetches the card's own quantized checkpoint instead of the base model.
+    published = model.get("use") == "published" and model.get("published")
+    repo_id = model["published"] if published else model["repo_id"]
+    revision = (model.get("published_revision") or "main") if published else model["revision"]
+    local_dir = cfg["local_dir"] or str(ctx.cache_dir / "models" / repo_id / revision)
 
     def fetch(endpoint: str | None) -> DownloadResult:
         return download(DownloadParams(
-            repo_id=model["repo_id"], revision=model["revision"], local_dir=local_dir, result_dir=str(ctx.stage_dir),
+            repo_id=repo_id, revision=revision, local_dir=local_dir, result_dir=str(ctx.stage_dir),
             allow_patterns=cfg["allow_patterns"], ignore_patterns=cfg["ignore_patterns"], endpoint=endpoint,
             token_env=cfg["token_env"], min_free_gb=cfg["min_free_gb"],
         ))
@@ -486,6 +490,8 @@ def run_stage(ctx) -> dict:
         "manifest": str(res.manifest_path),
         "files": [asdict(f) for f in res.files],
         "total_bytes": res.total_bytes,
+        "total_gib": round(res.total_bytes / 2**30, 3),
+        "published": bool(published),
         "fetched_files": list(res.fetched_files),
         "seconds": round(res.seconds, 3),
     }

@@ -73,7 +73,8 @@ def _download(r: dict) -> dict:
 
 def _quantize(r: dict) -> dict:
     rep = r.get("report") or {}
-    return {"recipe": r.get("recipe"), "size_bytes": rep.get("size_bytes"),
+    return {"recipe": r.get("recipe"), "card_recipe": r.get("card_recipe"), "published": r.get("published"),
+            "size_bytes": rep.get("size_bytes"),
             "bits_per_weight": rep.get("bits_per_weight"),
             "shared_expert_check": (rep.get("shared_expert_check") or {}).get("passed")}
 
@@ -97,7 +98,7 @@ def _needle(r: dict) -> dict:
 
 _BENCH_KEYS = ["concurrency", "completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms",
                "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
-               "median_e2el_ms", "p99_e2el_ms"]
+               "median_e2el_ms", "p99_e2el_ms", "decode_tok_s", "prefill_tok_s"]
 
 
 def _benchmark(r: dict) -> dict:

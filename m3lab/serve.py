@@ -2,6 +2,7 @@
 
     engine "transformers"  →  transformers serve MODEL --host H --port P [flags]      (CPU, the embedded default)
     engine "vllm"          →  vllm serve MODEL --host H --port P --served-model-name N [flags]   (GPU profiles)
+    engine "mlx"           →  mlx_lm.server --model MODEL --host H --port P [flags]               (Apple silicon)
 
 Engine flags come from params verbatim (`serve.args: {"--tensor-parallel-size": 8}`), so the command a card's
 author ran is the command we run. The server is a detached process group; its record (pid, command, log) is
@@ -28,7 +29,7 @@ from m3lab.stage import StageContext, StageError, read_json, write_json
 __all__ = ["ServerRecord", "build_command", "display_command", "check_engine", "start_server", "ensure_alive",
            "stop_server", "stop_all", "run_stage"]
 
-ENGINE_PACKAGE = {"transformers": "transformers", "vllm": "vllm"}
+ENGINE_PACKAGE = {"transformers": "transformers", "vllm": "vllm", "mlx": "mlx-lm"}
 
 
 @dataclass
@@ -70,6 +71,8 @@ def build_command(engine: str, model_dir: str, serve: dict[str, Any], port: int)
                 "--served-model-name", serve["served_model_name"]]
     elif engine == "transformers":
         head = ["transformers", "serve", model_dir, "--host", host, "--port", str(port)]
+    elif engine == "mlx":
+        head = ["mlx_lm.server", "--model", model_dir, "--host", host, "--port", str(port)]
     else:
         raise StageError(f"serve.engine: unknown engine {engine!r}; engines: {', '.join(ENGINE_PACKAGE)}")
     return head + _flags(serve.get("args") or {})
@@ -81,7 +84,8 @@ def display_command(argv: list[str]) -> str:
 
 def _executable(argv: list[str]) -> list[str]:
     """Run the engine from this interpreter's environment (the GPU host has no `vllm` script on PATH)."""
-    module = {"vllm": "vllm.entrypoints.cli.main", "transformers": "transformers.cli.transformers"}[argv[0]]
+    module = {"vllm": "vllm.entrypoints.cli.main", "transformers": "transformers.cli.transformers",
+              "mlx_lm.server": "mlx_lm.server"}[argv[0]]
     return [sys.executable, "-m", module, *argv[1:]]
 
 
