@@ -10,6 +10,7 @@ import yaml
 
 from m3lab.dag import STAGES, RunError, run
 from m3lab.params import DEFAULT_PROFILE, ParamsError, load_params
+from m3lab.plan import PlanError
 from m3lab.stage import StageError, results_root
 
 __all__ = ["main"]
@@ -31,6 +32,13 @@ def _cmd_stages(a: argparse.Namespace) -> int:
 def _cmd_show(a: argparse.Namespace) -> int:
     p = load_params(a.params)
     sys.stdout.write(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    return 0
+
+
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from m3lab.plan import format_plan, make_plan
+
+    sys.stdout.write(format_plan(make_plan(load_params(a.params))))
     return 0
 
 
@@ -63,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     sh.add_argument("params", nargs="?", default=None)
     sh.set_defaults(fn=_cmd_show)
 
+    pl = sub.add_parser("plan", help="print every command a profile would run and its memory plan; runs nothing")
+    pl.add_argument("params", nargs="?", default=None)
+    pl.set_defaults(fn=_cmd_plan)
+
     st = sub.add_parser("stop", help="stop servers left running by interactive notebook sessions")
     st.add_argument("profile", nargs="?", default=DEFAULT_PROFILE)
     st.add_argument("--run-dir", default=None, help="a run folder (default results/<profile>/interactive)")
@@ -71,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return a.fn(a)
-    except (ParamsError, RunError, StageError) as e:
+    except (ParamsError, RunError, StageError, PlanError) as e:
         print(f"m3lab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

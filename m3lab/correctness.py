@@ -7,6 +7,8 @@
    checkpoint's tokenizer and compared position by position up to the first divergence: the *token match rate*
    is the length of the common prefix over the longer sequence (1.0 = identical). Greedy decoding diverges for
    good after one different token, which is why the prefix is what counts.
+3. Accuracy evals (params `correctness.evals`): the real lm-eval harness against the server (`m3lab.evals`),
+   one run per seed; the claims ledger reads their scores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from m3lab.client import complete
 from m3lab.stage import StageContext
 
 __all__ = ["PromptResult", "ParityResult", "run_suite", "prefix_match_rate", "offline_greedy", "run_parity",
-           "run_stage"]
+           "run_one_eval", "run_stage"]
 
 
 @dataclass
@@ -121,4 +123,18 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         }
     else:
         result["parity"] = {"status": "not run", "reason": "correctness.parity.enabled is false in the profile"}
+    result["evals"] = [run_one_eval(ev, server, ctx.stage_dir / "evals" / ev["id"]) for ev in cfg.get("evals", [])]
     return result
+
+
+def run_one_eval(ev: dict[str, Any], server: dict[str, Any], out_dir) -> dict[str, Any]:
+    """One eval's record: scores (also in %, the cards' unit) or, if it could not run, the reason — never a
+    number. A dead server is not an eval failure: ServerDied propagates and fails the stage."""
+    from m3lab.evals import EvalError, run_eval
+
+    try:
+        r = asdict(run_eval(ev, server, out_dir))
+    except EvalError as e:
+        return {"id": ev["id"], "status": "not run", "reason": str(e)}
+    pct = lambda x: None if x is None else round(100.0 * x, 4)  # noqa: E731
+    return {**r, "status": "ok", "score_pct": pct(r["score"]), "stderr_pct": pct(r["stderr"])}

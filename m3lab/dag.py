@@ -63,7 +63,7 @@ _ORDER = [
     Stage("serve", "03_serve.ipynb", "serve", ("serve", "hardware", "model"), deps=("quantize",),
           sources=("procs.py", "checkpoint.py")),
     Stage("correctness", "04_correctness.ipynb", "correctness", ("correctness",), deps=("serve",), needs_server=True,
-          sources=("client.py",)),
+          sources=("client.py", "evals.py", "tasks/*")),
     Stage("needle", "05_needle.ipynb", "needle", ("needle", "model"), deps=("serve",), needs_server=True),
     Stage("benchmark", "06_benchmark.ipynb", "benchmark", ("benchmark",), deps=("serve",), needs_server=True),
     Stage("plot", "07_plot.ipynb", "plot", ("plot", "claims"), deps=("correctness", "needle", "benchmark"),

@@ -202,11 +202,14 @@ class Eval(_Section):
 
     id: str
     runner: Literal["lm_eval", "lighteval"] = "lm_eval"
-    args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)  # the runner's flags, verbatim
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # one run per seed; scores averaged
+    # The runner's flags, verbatim; {model}, {base_url}, {tokenizer} (and {seed} for lighteval) are filled in.
+    args: dict[str, str | int | float | bool | None | dict[str, Any]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=list)  # one run per seed, scores averaged; [] → the runner's default
     metric: str  # the key in the runner's results, e.g. "exact_match,flexible-extract"
+    task: str | None = None  # which task's metric to report when --tasks names several
     limit: int | None = Field(None, gt=0)
-    timeout_s: float = Field(3600.0, gt=0)
+    timeout_s: float = Field(21600.0, gt=0)  # per seed run
+    env: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("id")
     @classmethod
