@@ -109,7 +109,7 @@ def wait_for_server_ready(url: str, pid: int, timeout_s: float, log_path: Path, 
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
         if time.monotonic() - t0 > timeout_s:
-            raise ServerDied(f"server (pid {pid}) not healthy at {url} after {timeout_s:.0f}s; "
+            raise ServerDied(f"server (pid {pid}) not healthy at {url} after {timeout_s:g}s; "
                              f"log tail of {log_path}:\n{log_tail(log_path)}")
         time.sleep(poll_s)
 
@@ -119,7 +119,10 @@ def stop_process_tree(pid: int, grace_s: float = 15.0) -> bool:
     try:
         pgid = os.getpgid(pid)
     except ProcessLookupError:
-        return False
+        # The leader is gone (an OOM-killed API server, say); the group it led may not be (vLLM's engine core).
+        pgid = pid
+        if not _group_alive(pgid):
+            return False
     if pgid != pid:  # not a group leader we started: signal only the process itself
         pgid = None
     sig_target = (lambda s: os.killpg(pgid, s)) if pgid else (lambda s: os.kill(pid, s))
@@ -137,7 +140,7 @@ def stop_process_tree(pid: int, grace_s: float = 15.0) -> bool:
     except ProcessLookupError:
         pass
     for _ in range(50):
-        if not pid_alive(pid):
+        if not pid_alive(pid) and not (pgid and _group_alive(pgid)):
             break
         time.sleep(0.1)
     return True

@@ -127,8 +127,8 @@ def start_server(engine: str, model_dir: str, serve: dict[str, Any], run_dir: Pa
         model_dir=model_dir, pid=proc.pid, log_path=str(log_path), started_at=time.time(),
     )
     record_path = run_dir / "servers" / f"{name}.json"
-    write_json(record_path, asdict(rec))  # before the wait: the runner must be able to stop it
     try:
+        write_json(record_path, asdict(rec))  # before the wait: the runner must be able to stop it
         rec.startup_s = round(procs.wait_for_server_ready(
             f"http://{serve['host']}:{port}/health", proc.pid, serve["startup_timeout_s"], log_path), 2)
     except BaseException:
@@ -139,11 +139,18 @@ def start_server(engine: str, model_dir: str, serve: dict[str, Any], run_dir: Pa
     return rec
 
 
-def ensure_alive(server: dict[str, Any]) -> None:
-    """Raise ServerDied with the log tail if the server process is gone (call it when a request fails)."""
-    if not procs.pid_alive(server["pid"]):
-        raise procs.ServerDied(f"the {server['engine']} server (pid {server['pid']}, {server['base_url']}) died; "
-                               f"log tail of {server['log_path']}:\n{procs.log_tail(server['log_path'])}")
+def ensure_alive(server: dict[str, Any], settle_s: float = 2.0) -> None:
+    """Raise ServerDied with the log tail if the server process is gone (call it when a request fails).
+
+    A killed server's socket closes a moment before its pid is reaped, so give a dying process `settle_s` to
+    finish dying before calling it alive; only requests that failed against a live server pay that wait."""
+    deadline = time.monotonic() + settle_s
+    while procs.pid_alive(server["pid"]):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+    raise procs.ServerDied(f"the {server['engine']} server (pid {server['pid']}, {server['base_url']}) died; "
+                           f"log tail of {server['log_path']}:\n{procs.log_tail(server['log_path'])}")
 
 
 def stop_server(server: dict[str, Any], grace_s: float = 15.0) -> bool:
@@ -154,6 +161,8 @@ def stop_all(run_dir: Path) -> list[str]:
     """Stop every server recorded under `<run_dir>/servers/`; returns the names stopped."""
     stopped = []
     for rec in sorted((Path(run_dir) / "servers").glob("*.json")):
+        if rec.name.endswith(".stopped.json"):
+            continue  # stopped already: its pid may belong to someone else by now
         server = read_json(rec)
         if stop_server(server):
             stopped.append(rec.stem)
