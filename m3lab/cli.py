@@ -11,6 +11,7 @@ import yaml
 from m3lab.dag import STAGES, RunError, run
 from m3lab.params import DEFAULT_PROFILE, ParamsError, load_params
 from m3lab.plan import PlanError
+from m3lab.wheelhouse import WheelhouseError
 from m3lab.stage import StageError, results_root
 
 __all__ = ["main"]
@@ -39,6 +40,17 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     from m3lab.plan import format_plan, make_plan
 
     sys.stdout.write(format_plan(make_plan(load_params(a.params))))
+    return 0
+
+
+def _cmd_wheelhouse(a: argparse.Namespace) -> int:
+    from m3lab.wheelhouse import build_wheelhouse
+
+    house = build_wheelhouse(Path(a.out_dir), a.requirements or None, a.python_version,
+                             [Path(p) for p in a.provided])
+    size = sum((Path(a.out_dir) / w["file"]).stat().st_size for w in house.wheels)
+    print(f"{len(house.wheels)} wheels ({size / 2**20:.1f} MiB) in {a.out_dir}, {len(house.skipped)} skipped "
+          f"(provided or never carried); on the host: bash {a.out_dir}/install.sh /tmp/m3lab-site")
     return 0
 
 
@@ -75,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("params", nargs="?", default=None)
     pl.set_defaults(fn=_cmd_plan)
 
+    wh = sub.add_parser("wheelhouse", help="write the wheels m3lab needs on an offline host (versions as tested here)")
+    wh.add_argument("out_dir")
+    wh.add_argument("requirements", nargs="*", help="distributions to carry (default: what a batch DAG run needs)")
+    wh.add_argument("--python-version", default="3.12", help="the host's Python (default 3.12)")
+    wh.add_argument("--provided", action="append", default=[], metavar="FILE",
+                    help="pip-freeze/lock file or name list of what the host already has (repeatable)")
+    wh.set_defaults(fn=_cmd_wheelhouse)
+
     st = sub.add_parser("stop", help="stop servers left running by interactive notebook sessions")
     st.add_argument("profile", nargs="?", default=DEFAULT_PROFILE)
     st.add_argument("--run-dir", default=None, help="a run folder (default results/<profile>/interactive)")
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return a.fn(a)
-    except (ParamsError, RunError, StageError, PlanError) as e:
+    except (ParamsError, RunError, StageError, PlanError, WheelhouseError) as e:
         print(f"m3lab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
