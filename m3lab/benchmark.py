@@ -53,6 +53,8 @@ import numpy as np
 
 __all__ = [
     "run_stage",
+    "vllm_bench_command",
+    "crosscheck_with_vllm_bench",
     "BenchConfig",
     "RequestRecord",
     "BenchMetrics",
@@ -631,6 +633,54 @@ def save_results(result: SweepResult, out_dir: str | Path, stem: str = "benchmar
     return json_path, csv_path
 
 
+def _scrape(server: dict[str, Any]) -> dict[str, Any] | None:
+    """The server's Prometheus /metrics (vLLM has them; transformers serve does not → None)."""
+    if server["engine"] != "vllm":
+        return None
+    from m3lab.vllm_obs import scrape_metrics
+
+    return scrape_metrics(server["base_url"], timeout=30)
+
+
+def vllm_bench_command(cfg: BenchConfig, concurrency: int, result_dir: Path) -> list[str]:
+    """`vllm bench serve` at the same load as one of our levels: random prompts of the same lengths, the same
+    number of requests, the same concurrency cap, ignore_eos — so the two clients' numbers are comparable."""
+    argv = ["vllm", "bench", "serve", "--backend", "openai", "--base-url", cfg.base_url, "--endpoint",
+            cfg.endpoint, "--model", cfg.model, "--tokenizer", cfg.tokenizer_dir, "--dataset-name", "random",
+            "--random-input-len", str(cfg.input_len), "--random-output-len", str(cfg.output_len),
+            "--num-prompts", str(cfg.num_prompts), "--max-concurrency", str(concurrency), "--seed", str(cfg.seed),
+            "--save-result", "--result-dir", str(result_dir), "--result-filename", f"vllm-bench-c{concurrency}.json"]
+    return argv + (["--ignore-eos"] if cfg.ignore_eos else [])
+
+
+_CROSS_KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms",
+               "median_e2el_ms")
+
+
+def crosscheck_with_vllm_bench(cfg: BenchConfig, ours: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
+    """Run `vllm bench serve` at each of our levels; per level: both clients' numbers and ours/vLLM's ratio."""
+    import subprocess
+    import sys
+
+    rows = []
+    for lv in ours["levels"]:
+        argv = vllm_bench_command(cfg, lv["concurrency"], out_dir)
+        done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", *argv[1:]], capture_output=True,
+                              text=True, timeout=cfg.total_timeout_s)
+        (out_dir / f"vllm-bench-c{lv['concurrency']}.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            rows.append({"concurrency": lv["concurrency"], "status": "failed",
+                         "reason": (done.stderr or done.stdout).strip().splitlines()[-1:],
+                         "command": " ".join(argv)})
+            continue
+        theirs = json.loads((out_dir / f"vllm-bench-c{lv['concurrency']}.json").read_text())
+        rows.append({"concurrency": lv["concurrency"], "status": "ok", "command": " ".join(argv),
+                     **{f"m3lab_{k}": lv[k] for k in _CROSS_KEYS},
+                     **{f"vllm_{k}": theirs.get(k) for k in _CROSS_KEYS},
+                     **{f"ratio_{k}": (lv[k] / theirs[k]) if theirs.get(k) else None for k in _CROSS_KEYS}})
+    return rows
+
+
 def run_stage(ctx) -> dict[str, Any]:
     """The DAG's benchmark stage: the params sweep against the served model; JSON + CSV in the stage folder."""
     from m3lab.serve import ensure_alive
@@ -644,11 +694,13 @@ def run_stage(ctx) -> dict[str, Any]:
         input_len=cfg["input_len"], output_len=cfg["output_len"], ignore_eos=cfg["ignore_eos"], seed=cfg["seed"],
         request_timeout_s=cfg["request_timeout_s"],
     )
+    metrics_before = _scrape(server)
     try:
         result = run_sweep(bench)
     except BenchmarkError:
         ensure_alive(server)  # a dead server is the real cause: say so, with its log tail
         raise
+    metrics_after = _scrape(server)
     save_results(result, ctx.stage_dir)
     out = result.to_dict()
     for lv in out["levels"]:
@@ -658,4 +710,18 @@ def run_stage(ctx) -> dict[str, Any]:
         lv["decode_tok_s"] = round(1000.0 / lv["median_tpot_ms"], 3) if lv["median_tpot_ms"] > 0 else None
         lv["prefill_tok_s"] = round(cfg["input_len"] * 1000.0 / lv["median_ttft_ms"], 3) \
             if lv["median_ttft_ms"] > 0 else None
+    if metrics_before is not None and metrics_after is not None:
+        from m3lab.vllm_obs import metrics_delta, summarize_metrics
+
+        # The server's own view of the sweep (its /metrics before and after): KV-cache usage, request histograms.
+        out["server_metrics"] = {"status": "ok", **summarize_metrics(metrics_delta(metrics_before, metrics_after))}
+        (ctx.stage_dir / "server-metrics.json").write_text(json.dumps(metrics_after, indent=1))
+    else:
+        out["server_metrics"] = {"status": "not run", "reason": f"{server['engine']} exposes no /metrics"}
+    if cfg.get("crosscheck_vllm_bench"):
+        if server["engine"] != "vllm":
+            out["crosscheck"] = {"status": "not run", "reason": f"vllm bench serve needs the vllm engine, "
+                                                                f"this server is {server['engine']}"}
+        else:
+            out["crosscheck"] = {"status": "ok", "levels": crosscheck_with_vllm_bench(bench, out, ctx.stage_dir)}
     return out

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from m3lab.client import complete
@@ -97,6 +98,32 @@ def run_parity(server: dict[str, Any], model_dir: str, prompts: list[str], max_t
     return results
 
 
+def run_ppl_eval(ev: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+    """Token-level perplexity through vLLM's prompt_logprobs (card 002's method), as an eval record.
+
+    args: --data (a text file; `m3lab:filler` = 400 sentences of m3lab's own needle filler, the text the tiny
+    model was trained on), --window-tokens, --max-windows, --detokenize (wikitext's tokenized v1 spacing)."""
+    from transformers import AutoTokenizer
+
+    from m3lab import needle, ppl
+
+    args = ev["args"]
+    data = str(args.get("--data", ""))
+    if data == "m3lab:filler":
+        corpus = needle.filler_text(400, seed=ev["seeds"][0] if ev["seeds"] else 0)
+    elif Path(data).is_file():
+        corpus = ppl.read_wikitext(data, detokenize=bool(args.get("--detokenize")))
+    else:
+        return {"id": ev["id"], "status": "not run", "reason": f"--data {data!r}: no such file"}
+    tok = AutoTokenizer.from_pretrained(server["model_dir"])
+    try:
+        r = ppl.server_perplexity(server, ppl.tokenize(corpus, tok), int(args.get("--window-tokens", 2048)),
+                                  max_windows=args.get("--max-windows"))
+    except ppl.PPLNotSupported as e:
+        return {"id": ev["id"], "status": "not run", "reason": str(e)}
+    return {"id": ev["id"], "status": "ok", "runner": ev["runner"], "score": r.ppl, **asdict(r)}
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.params["correctness"]
     server = ctx.upstream("serve")["server"]
@@ -132,6 +159,8 @@ def run_one_eval(ev: dict[str, Any], server: dict[str, Any], out_dir) -> dict[st
     number. A dead server is not an eval failure: ServerDied propagates and fails the stage."""
     from m3lab.evals import EvalError, run_eval
 
+    if ev["runner"] == "prompt_logprobs_ppl":
+        return run_ppl_eval(ev, server)
     try:
         r = asdict(run_eval(ev, server, out_dir))
     except EvalError as e:

@@ -201,11 +201,11 @@ class Eval(_Section):
     """One accuracy eval, run by the correctness stage against the served model."""
 
     id: str
-    runner: Literal["lm_eval", "lighteval"] = "lm_eval"
+    runner: Literal["lm_eval", "lighteval", "prompt_logprobs_ppl"] = "lm_eval"
     # The runner's flags, verbatim; {model}, {base_url}, {tokenizer} (and {seed} for lighteval) are filled in.
     args: dict[str, str | int | float | bool | None | dict[str, Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=list)  # one run per seed, scores averaged; [] → the runner's default
-    metric: str  # the key in the runner's results, e.g. "exact_match,flexible-extract"
+    metric: str = ""  # the key in the runner's results, e.g. "exact_match,flexible-extract" (lm_eval, lighteval)
     task: str | None = None  # which task's metric to report when --tasks names several
     limit: int | None = Field(None, gt=0)
     timeout_s: float = Field(21600.0, gt=0)  # per seed run
@@ -249,6 +249,7 @@ class Benchmark(_Section):
     ignore_eos: bool = True
     seed: int = 0
     request_timeout_s: float = Field(300.0, gt=0)
+    crosscheck_vllm_bench: bool = False  # also run `vllm bench serve` at each level and report both clients
 
 
 class Plot(_Section):

@@ -108,7 +108,11 @@ def _correctness_lines(p: Params) -> list[str]:
     from m3lab import evals
 
     for e in c.evals:
-        for seed in e.seeds:
+        if e.runner == "prompt_logprobs_ppl":
+            lines.append(f"perplexity of {e.args.get('--data')} through /v1/completions prompt_logprobs, windows of "
+                         f"{e.args.get('--window-tokens', 2048)} tokens (max {e.args.get('--max-windows')})")
+            continue
+        for seed in e.seeds or [None]:  # no seeds: one run with the runner's own default
             argv = evals.build_command(e.model_dump(mode="json"), server, Path(f"<run>/correctness/evals/{e.id}"),
                                        seed)
             lines.append(shlex.join(argv))

@@ -131,6 +131,15 @@ def start_server(engine: str, model_dir: str, serve: dict[str, Any], run_dir: Pa
         write_json(record_path, asdict(rec))  # before the wait: the runner must be able to stop it
         rec.startup_s = round(procs.wait_for_server_ready(
             f"http://{serve['host']}:{port}/health", proc.pid, serve["startup_timeout_s"], log_path), 2)
+    except procs.ServerDied as e:
+        procs.stop_process_tree(proc.pid)
+        record_path.unlink(missing_ok=True)
+        from m3lab.vllm_obs import decisive_lines
+
+        decisive = decisive_lines(log_path.read_text(errors="replace")) if log_path.is_file() else []
+        if decisive:  # the lines that say why, ahead of the raw tail (vLLM's tracebacks bury them)
+            raise procs.ServerDied("decisive log lines:\n" + "\n".join(decisive) + "\n" + str(e)) from None
+        raise
     except BaseException:
         procs.stop_process_tree(proc.pid)
         record_path.unlink(missing_ok=True)
@@ -206,10 +215,17 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     served_dir = served_checkpoint(engine, model_dir, serve.get("text_only", False))
     rec = start_server(engine, served_dir, serve, ctx.run_dir)
     smoke = _smoke(rec)
-    return {
+    result = {
         "server": asdict(rec),
         "engine_version": version,
         "tokenizer_dir": served_dir,
         "max_model_len": model["max_model_len"],
         "smoke": smoke,
     }
+    if engine == "vllm":
+        # What vLLM says about itself at start-up: weights per GPU, KV-cache capacity, max concurrency (card 002
+        # quotes exactly these: "87.6 GiB per GPU, KV 46,464 tokens").
+        from m3lab.vllm_obs import parse_server_log
+
+        result["vllm"] = parse_server_log(Path(rec.log_path).read_text(errors="replace")).to_dict()
+    return result

@@ -7,6 +7,7 @@ without starting a server, earlier runs are left alone, and a failing stage keep
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -136,3 +137,39 @@ def test_failed_stage_keeps_its_notebook_and_fails_the_run(first_run, tmp_path):
     assert summary["status"] == "failed" and summary["needle"]["status"] == "not run"
     assert "accuracy" not in summary["needle"]  # a stage that did not run never carries a number
     assert (rep.run_dir / "serve" / "serve.html").is_file() and rep.index_html.is_file()
+
+
+def test_ctrl_c_stops_the_server_and_marks_the_run_interrupted(first_run, results_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rep, _ = first_run
+    env = {**os.environ, "M3LAB_RESULTS": str(results_root)}
+    # A terminal's Ctrl-C signals the whole foreground process group: the runner and its notebook kernel.
+    proc = subprocess.Popen([sys.executable, "-m", "m3lab", "run", "cpu-tiny", "--from", "needle"], cwd=REPO_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    profile_dir = results_root / "cpu-tiny"
+    deadline = time.monotonic() + 240
+    record = None
+    while time.monotonic() < deadline and record is None:
+        runs = sorted(p for p in profile_dir.iterdir() if p.name[:1].isdigit() and p != rep.run_dir)
+        for run in runs:
+            rec = run / "servers" / "server.json"
+            if rec.is_file() and (run / "serve" / "result.json").is_file():  # serve done: needle is next
+                record = json.loads(rec.read_text())
+        time.sleep(0.5)
+    assert record is not None, "the run never got its server up"
+    time.sleep(2)  # well inside the needle stage
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    assert not procs.pid_alive(record["pid"]), "Ctrl-C must stop the server the run started"
+    run_dir = Path(record["log_path"]).parent.parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert (run_dir / "index.html").is_file()
