@@ -119,15 +119,12 @@ class BenchConfig:
             raise ValueError(f"engine must be 'vllm' or 'transformers', got {self.engine!r}")
         if not self.endpoint.startswith("/"):
             raise ValueError(f"endpoint must start with '/', got {self.endpoint!r}")
-        self.base_url = self.base_url.rstrip("/")
-        # Accept an OpenAI-style base URL ("http://h:p/v1", what OpenAI clients and the
-        # serve stage's record use) as well as the server root vLLM's bench takes.
-        if self.base_url.endswith("/v1") and self.endpoint.startswith("/v1/"):
-            self.base_url = self.base_url[: -len("/v1")]
 
     @property
     def url(self) -> str:
-        return self.base_url + self.endpoint
+        from m3lab.client import endpoint_url
+
+        return endpoint_url(self.base_url, self.endpoint)
 
 
 @dataclass
@@ -645,7 +642,7 @@ def _scrape(server: dict[str, Any]) -> dict[str, Any] | None:
 def vllm_bench_command(cfg: BenchConfig, concurrency: int, result_dir: Path) -> list[str]:
     """`vllm bench serve` at the same load as one of our levels: random prompts of the same lengths, the same
     number of requests, the same concurrency cap, ignore_eos — so the two clients' numbers are comparable."""
-    argv = ["vllm", "bench", "serve", "--backend", "openai", "--base-url", cfg.base_url, "--endpoint",
+    argv = ["vllm", "bench", "serve", "--backend", "openai", "--base-url", cfg.base_url.rstrip("/").removesuffix("/v1"), "--endpoint",
             cfg.endpoint, "--model", cfg.model, "--tokenizer", cfg.tokenizer_dir, "--dataset-name", "random",
             "--random-input-len", str(cfg.input_len), "--random-output-len", str(cfg.output_len),
             "--num-prompts", str(cfg.num_prompts), "--max-concurrency", str(concurrency), "--seed", str(cfg.seed),

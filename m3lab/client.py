@@ -13,7 +13,16 @@ from typing import Any
 
 from m3lab.serve import ensure_alive
 
-__all__ = ["complete", "RequestFailed"]
+__all__ = ["complete", "endpoint_url", "RequestFailed"]
+
+
+def endpoint_url(base_url: str, endpoint: str) -> str:
+    """Join a server URL and an endpoint path; accepts the server root ("http://h:p", what vLLM's bench takes)
+    as well as the OpenAI-style base ("http://h:p/v1", what the serve stage records)."""
+    base = base_url.rstrip("/")
+    if base.endswith("/v1") and endpoint.startswith("/v1/"):
+        base = base[: -len("/v1")]
+    return base + endpoint
 
 
 class RequestFailed(RuntimeError):

@@ -278,13 +278,12 @@ class NeedleConfig:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
         if self.max_context is not None and int(self.max_context) < 1:
             raise ValueError(f"max_context must be >= 1, got {self.max_context!r}")
-        self.base_url = self.base_url.rstrip("/")
-        if self.base_url.endswith("/v1") and self.endpoint.startswith("/v1/"):
-            self.base_url = self.base_url[: -len("/v1")]
 
     @property
     def url(self) -> str:
-        return self.base_url + self.endpoint
+        from m3lab.client import endpoint_url
+
+        return endpoint_url(self.base_url, self.endpoint)
 
 
 @dataclass

@@ -59,3 +59,21 @@ def start_tiny_server(tiny_text_checkpoint, tmp_path) -> Callable[..., serve.Ser
         for rec in (run_dir / "servers").glob("*.json"):
             if not rec.name.endswith(".stopped.json"):
                 serve.stop_server(read_json(rec), grace_s=5)
+
+
+def filler_tokenizer(add_bos: bool = False):
+    """A small byte-level BPE tokenizer trained in-process on the needle filler (no download, ~20 ms)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from m3lab.needle import filler_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([filler_text(50, s) for s in range(20)], trainer)
+    if add_bos:  # like most LLM tokenizers
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")

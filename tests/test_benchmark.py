@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import filler_tokenizer
 
 from m3lab.benchmark import (
     BenchConfig,
@@ -27,22 +28,12 @@ from m3lab.benchmark import (
     run_sweep,
     save_results,
 )
-from m3lab.needle import filler_text
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     """A small byte-level BPE tokenizer trained in-process (no download, ~20 ms)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([filler_text(50, s) for s in range(20)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    return filler_tokenizer(add_bos=False)
 
 
 # -----------------------------------------------------------------------------
