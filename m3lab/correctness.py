@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from m3lab.client import complete
+from m3lab.client import RequestFailed, complete
 from m3lab.stage import StageContext
 
 __all__ = ["PromptResult", "ParityResult", "run_suite", "prefix_match_rate", "offline_greedy", "run_parity",
@@ -121,6 +121,8 @@ def run_ppl_eval(ev: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
                                   max_windows=args.get("--max-windows"))
     except ppl.PPLNotSupported as e:
         return {"id": ev["id"], "status": "not run", "reason": str(e)}
+    except RequestFailed as e:  # the server is alive but refused (e.g. vLLM could not serialize a NaN logprob)
+        return {"id": ev["id"], "status": "failed", "reason": str(e)}
     return {"id": ev["id"], "status": "ok", "runner": ev["runner"], "score": r.ppl, **asdict(r)}
 
 

@@ -428,26 +428,40 @@ def _url_of(err: Exception) -> str | None:
 
 
 def _embedded_checkpoint(cache_dir: Path, overrides: dict, seed: int) -> Path:
-    """Build the tiny M3 once per (spec, seed, code) into the cache; the build is deterministic, so the folder
-    name is a hash of what decides its bytes. Built in a temp folder and renamed: never half-written."""
+    """Build the tiny M3 once per (spec, seed, weights, code) into the cache; the build is deterministic, so the
+    folder name is a hash of what decides its bytes (for trained weights: the committed file's own hash).
+    Built in a temp folder and renamed: never half-written.
+
+    `overrides` are TinySpec fields, plus `weights`: "trained" (default; the committed weights, default spec
+    only) or "random"."""
     import dataclasses
 
     import transformers
 
     from m3lab import tinymodel
 
+    overrides = dict(overrides)
+    weights = overrides.pop("weights", "trained")
+    if weights not in ("trained", "random"):
+        raise DownloadError(f"model.embedded.weights: {weights!r}; expected 'trained' or 'random'")
     names = {f.name for f in dataclasses.fields(tinymodel.TinySpec)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise DownloadError(f"model.embedded: unknown TinySpec field(s) {unknown}; fields: {sorted(names)}")
+        raise DownloadError(f"model.embedded: unknown TinySpec field(s) {unknown}; fields: {sorted(names)} "
+                            f"and weights")
     spec = tinymodel.TinySpec(**overrides)
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), seed, transformers.__version__,
+    try:
+        weights_id = (hashlib.sha256(tinymodel.trained_weights(spec, seed).read_bytes()).hexdigest()
+                      if weights == "trained" else "random")
+    except (FileNotFoundError, ValueError) as err:
+        raise DownloadError(f"model.embedded: {err}") from err
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), seed, weights_id, transformers.__version__,
                                      Path(tinymodel.__file__).read_text()], sort_keys=True).encode()).hexdigest()
     out = cache_dir / "embedded" / key[:16]
     if not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out.parent))
-        tinymodel.build_tiny_checkpoint(tmp, spec, seed)
+        tinymodel.build_tiny_checkpoint(tmp, spec, seed, weights=weights)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return out

@@ -121,9 +121,20 @@ def test_local_task_gets_include_path_and_json_keeps_its_braces(tmp_path):
     assert argv[-6:] == ["--limit", "3", "--seed", "7", "--output_path", str(tmp_path)]
 
 
+def test_lighteval_command_fills_its_two_positionals_and_the_seed(tmp_path):
+    ev = {"id": "aime25", "runner": "lighteval", "metric": "math_pass@1:1_samples", "seeds": [42],
+          "args": {"--model_args": "model_name=openai/{model},base_url={base_url},generation_parameters={seed:{seed}}",
+                   "--tasks": "lighteval|aime25|0"}}
+    argv = build_command(ev, {"model": "m3", "base_url": "http://h:1/v1"}, tmp_path, 42)
+    assert argv[:5] == ["lighteval", "endpoint", "litellm",
+                        "model_name=openai/m3,base_url=http://h:1/v1,generation_parameters={seed:42}",
+                        "lighteval|aime25|0"]
+    assert argv[-2:] == ["--output-dir", str(tmp_path)]
+
+
 def test_unknown_runner_and_reserved_flags_are_named():
-    with pytest.raises(EvalError, match=r"evals\[ifeval\]\.runner: unknown runner 'lighteval'"):
-        check_eval({**CARD_001_EVAL, "id": "ifeval", "runner": "lighteval"})
+    with pytest.raises(EvalError, match=r"evals\[ifeval\]\.runner: unknown runner 'helm'"):
+        check_eval({**CARD_001_EVAL, "id": "ifeval", "runner": "helm"})
     with pytest.raises(EvalError, match=r"--seed.*set by m3lab"):
         check_eval({**CARD_001_EVAL, "args": {**CARD_001_EVAL["args"], "--seed": 1}})
     with pytest.raises(EvalError, match=r"seeds"):

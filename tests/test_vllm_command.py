@@ -55,7 +55,7 @@ def test_gpu_tiny_vllm_profile_is_the_smoke_tested_setup(profile):
     assert profile.quantize.recipe == "none"
     s = profile.serve
     assert (s.engine, s.engine_version, s.text_only, s.served_model_name) == ("vllm", "0.25.1", True, "m3")
-    assert s.env == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    assert s.env == {"VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1"}
     assert s.args["--max-model-len"] == profile.model.max_model_len
 
 

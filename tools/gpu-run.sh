@@ -8,6 +8,9 @@ out=${OUT:-/tmp/m3lab-out}
 mkdir -p "$out"
 # shellcheck disable=SC1091
 source /tmp/site/vllm-env.sh
+# The embedded download talks to m3lab's own LocalHub on 127.0.0.1; the vLLM server keeps HF_HUB_OFFLINE via
+# the profile's serve.env.
+unset HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
 bash .gpu/wheels/install.sh /tmp/m3lab-site
 export PYTHONPATH=$PYTHONPATH:/tmp/m3lab-site:$PWD
 export M3LAB_RESULTS=/tmp/m3lab-results PYTHONUNBUFFERED=1
