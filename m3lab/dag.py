@@ -61,7 +61,7 @@ _ORDER = [
           sources=("hub.py", "tinymodel.py", "checkpoint.py", "assets/**/*")),
     Stage("quantize", "02_quantize.ipynb", "quantize", ("quantize",), deps=("download",), sources=("checkpoint.py",)),
     Stage("serve", "03_serve.ipynb", "serve", ("serve", "hardware", "model"), deps=("quantize",),
-          sources=("procs.py", "checkpoint.py")),
+          sources=("procs.py", "checkpoint.py", "faults.py", "vllm_obs.py")),
     Stage("correctness", "04_correctness.ipynb", "correctness", ("correctness",), deps=("serve",), needs_server=True,
           sources=("client.py", "evals.py", "tasks/*")),
     Stage("needle", "05_needle.ipynb", "needle", ("needle", "model"), deps=("serve",), needs_server=True),

@@ -154,6 +154,8 @@ class Serve(_Section):
     engine: Literal["transformers", "vllm", "mlx"] = "transformers"
     engine_version: str | None = None  # pin: a different installed version is an error before anything starts
     text_only: bool = False  # serve the language model alone (vLLM's MiniMaxM3SparseForCausalLM layout)
+    # Fault-injection tests only (m3lab.faults): serve a copy broken the way a naive loader would break it.
+    fault: Literal["none", "zero_shared_experts", "wrong_rope_theta"] = "none"
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)  # None: a free port
     served_model_name: str = "m3"

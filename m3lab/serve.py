@@ -193,17 +193,29 @@ def _smoke(rec: ServerRecord) -> dict[str, Any]:
     return {"first_completion_s": round(time.monotonic() - t0, 3), "text": out["choices"][0]["text"]}
 
 
-def served_checkpoint(engine: str, model_dir: str, text_only: bool) -> str:
+def served_checkpoint(engine: str, model_dir: str, text_only: bool, fault: str = "none") -> str:
     """The folder the engine loads. transformers serve needs the text-only model (the VL processor needs
-    torchvision); vLLM takes the VL checkpoint as is, or a text-only one in vLLM's layout when asked."""
-    from m3lab import checkpoint
+    torchvision); vLLM takes the VL checkpoint as is, or a text-only one in vLLM's layout when asked.
+    A planted `fault` (m3lab.faults, for fault-injection tests) breaks a copy, never the checkpoint itself."""
+    import shutil
+
+    from m3lab import checkpoint, faults
 
     flavor = "transformers" if engine == "transformers" else ("vllm" if text_only else None)
-    if flavor is None:
+    if flavor is None and fault == "none":
         return model_dir
-    dst = Path(f"{model_dir.rstrip('/')}.text-{flavor}")
+    dst = Path(f"{model_dir.rstrip('/')}" + (f".text-{flavor}" if flavor else "") +
+               (f".fault-{fault}" if fault != "none" else ""))
     if not (dst / "config.json").is_file():
-        checkpoint.text_only(Path(model_dir), dst, flavor=flavor)
+        tmp = dst.with_name(f".{dst.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if flavor:
+            checkpoint.text_only(Path(model_dir), tmp, flavor=flavor)
+        else:
+            shutil.copytree(model_dir, tmp, symlinks=False)
+        faults.apply_fault(tmp, fault)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)  # complete or absent: a crash mid-conversion leaves only the .partial folder
     return str(dst)
 
 
@@ -212,7 +224,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     engine = serve["engine"]
     version = check_engine(engine, serve.get("engine_version"))
     model_dir = ctx.upstream("quantize")["model_dir"]
-    served_dir = served_checkpoint(engine, model_dir, serve.get("text_only", False))
+    served_dir = served_checkpoint(engine, model_dir, serve.get("text_only", False), serve.get("fault", "none"))
     rec = start_server(engine, served_dir, serve, ctx.run_dir)
     smoke = _smoke(rec)
     result = {
@@ -221,6 +233,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "tokenizer_dir": served_dir,
         "max_model_len": model["max_model_len"],
         "smoke": smoke,
+        "fault": serve.get("fault", "none"),
     }
     if engine == "vllm":
         # What vLLM says about itself at start-up: weights per GPU, KV-cache capacity, max concurrency (card 002

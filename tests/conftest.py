@@ -3,7 +3,6 @@ started through `m3lab.serve.start_server`, always stopped at teardown."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,8 +29,13 @@ CPU_SERVE: dict[str, Any] = {
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The embedded tiny MiniMax-M3 (VL hub layout, random weights, ~3 s to build). Serving needs no trained
     weights, so these tests do not depend on the committed ones."""
-    random = {"weights": "random"} if "weights" in inspect.signature(build_tiny_checkpoint).parameters else {}
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-m3") / "vl", **random)
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-m3") / "vl", weights="random")
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """The embedded tiny MiniMax-M3 with its committed trained weights (VL hub layout)."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-m3-trained") / "vl")
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,9 @@ def test_stage_results_come_from_the_real_parts(first_run):
     corr = read("correctness")
     assert corr["total"] == 4 and corr["parity"]["status"] == "ok"
     assert corr["parity"]["match_rate"] == 1.0  # server and offline transformers compute the same greedy tokens
+    arith = corr["evals"][0]
+    assert arith["id"] == "tiny_arith" and arith["status"] == "ok" and arith["samples"] == 40  # real lm-eval
+    assert 0.0 <= arith["score"] <= 1.0 and arith["score_pct"] == pytest.approx(100 * arith["score"], abs=1e-3)
     needle = read("needle")
     assert needle["cells_run"] == needle["cells_total"] == 20
     bench = read("benchmark")
@@ -68,8 +71,8 @@ def test_stage_results_come_from_the_real_parts(first_run):
     assert all(lv["completed"] == 4 and lv["failed"] == 0 for lv in bench["levels"])
     assert all(0 < lv["median_ttft_ms"] < lv["median_e2el_ms"] for lv in bench["levels"])
     assert (rep.run_dir / "benchmark" / "benchmark.csv").is_file()
-    assert {p.name for p in (rep.run_dir / "plot").glob("*.png")} == {"1-correctness.png", "2-needle.png",
-                                                                      "3-benchmark.png"}
+    assert {p.name for p in (rep.run_dir / "plot").glob("*.png")} == {
+        "1-correctness.png", "2-needle.png", "3-benchmark.png", "4-claims.png", "5-recovery.png"}
 
 
 def test_report_pages_exist_and_are_self_contained(first_run):
@@ -82,7 +85,7 @@ def test_report_pages_exist_and_are_self_contained(first_run):
     index = rep.index_html.read_text()
     for name in dag.STAGES:
         assert f"href='{name}/{name}.html'" in index
-    assert index.count("data:image/png;base64,") == 3
+    assert index.count("data:image/png;base64,") == 5
 
 
 def test_summary_json_has_every_documented_key(first_run):
@@ -101,6 +104,12 @@ def test_summary_json_has_every_documented_key(first_run):
     for k in ("concurrency", "request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms",
               "p99_e2el_ms"):
         assert isinstance(level[k], (int, float)), k
+    claims = {c["id"]: c for c in summary["claims"]}
+    assert set(claims) == {"tiny-correctness", "tiny-parity", "tiny-needle", "tiny-arith", "tiny-arith-recovery"}
+    for c in claims.values():
+        assert c["verdict"] in ("reproduced", "not reproduced") and isinstance(c["measured"], (int, float))
+    assert claims["tiny-correctness"]["verdict"] == "reproduced"  # the trained model knows its facts
+    assert claims["tiny-needle"]["verdict"] == "reproduced"
     prov = json.loads((rep.run_dir / "provenance.json").read_text())
     assert prov["packages"]["transformers"] and prov["packages"]["papermill"] and prov["params_hash"]
     assert prov["checkpoints"]["download"]["commit"] == summary["download"]["commit"]

@@ -1,0 +1,108 @@
+"""The vLLM paths against real output recorded on an H200 (results/reference/, made by `m3lab run gpu-tiny-vllm`
+through tools/gpu-run.sh on 2026-11-22). CI has no GPU: these tests replay what the GPU run wrote."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from m3lab.claims import lookup
+from m3lab.params import REPO_ROOT, load_params
+from m3lab.serve import build_command
+from m3lab.vllm_obs import decisive_lines, parse_prometheus, parse_server_log, summarize_metrics
+
+RUN = REPO_ROOT / "results" / "reference" / "h200-gpu-tiny-vllm"
+FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
+
+
+def read(*parts):
+    return json.loads(RUN.joinpath(*parts).read_text())
+
+
+def test_reference_run_is_complete_and_ok():
+    summary = read("summary.json")
+    assert summary["profile"] == "gpu-tiny-vllm" and summary["status"] == "ok"
+    assert {s["status"] for s in summary["stages"].values()} == {"ok"}
+    assert "H200" in " ".join(read("provenance.json")["gpus"])
+    assert (RUN / "index.html").is_file()
+
+
+def test_vllm_command_from_params_is_the_command_that_ran():
+    server = read("serve", "result.json")["server"]
+    params = load_params("gpu-tiny-vllm")
+    rebuilt = build_command("vllm", server["model_dir"], params.serve.model_dump(mode="json"), server["port"])
+    assert rebuilt == server["argv"]
+    assert shlex.join(rebuilt) == server["command"]
+
+
+def test_start_up_log_facts_parse_from_the_real_log():
+    facts = parse_server_log((RUN / "servers" / "server.log").read_text())
+    assert facts.vllm_version == "0.25.1" and facts.attention_backend == "TRITON_ATTN"
+    assert facts.max_model_len == 4096 and facts.enforce_eager is True
+    assert facts.kv_cache_tokens == 9_699_072 and facts.kv_cache_gib == pytest.approx(41.62)
+    assert 0 < facts.model_memory_gib < 0.1  # a 4.8M-parameter model
+    assert facts.max_concurrency == pytest.approx(9_699_072 / 4096, rel=0.01)
+    recorded = read("serve", "result.json")["vllm"]  # what the serve stage parsed at start-up
+    for key in ("vllm_version", "model_memory_gib", "kv_cache_gib", "kv_cache_tokens", "max_concurrency",
+                "engine_init_s", "startup_s"):
+        assert recorded[key] == getattr(facts, key), key
+    assert recorded["errors"] == [] and facts.errors  # the full log also has the later prompt_logprobs NaN error
+
+
+def test_metrics_scraped_around_the_benchmark_parse_and_summarize():
+    parsed = json.loads((RUN / "benchmark" / "server-metrics.json").read_text())
+    summary = summarize_metrics(parsed)
+    bench = read("benchmark", "result.json")
+    completed = sum(lv["completed"] for lv in bench["levels"])
+    assert summary["num_requests_success"] >= completed  # every benchmark request (plus warmups, earlier stages)
+    assert summary["kv_cache_tokens"] == 9_699_072 and summary["block_size"] == 128
+    assert bench["server_metrics"]["status"] == "ok"
+    assert bench["server_metrics"]["ttft_count"] == completed + len(bench["levels"])  # + one warmup per level
+
+
+def test_our_client_and_vllm_bench_serve_measured_the_same_server():
+    cross = read("benchmark", "result.json")["crosscheck"]
+    assert cross["status"] == "ok"
+    for lv in cross["levels"]:
+        assert lv["status"] == "ok" and lv["command"].startswith("vllm bench serve --backend openai")
+        for k in ("output_throughput", "median_ttft_ms", "median_tpot_ms"):
+            assert lv[f"ratio_{k}"] == pytest.approx(lv[f"m3lab_{k}"] / lv[f"vllm_{k}"])
+        # Same server, same load: the two clients agree within a factor of 1.5 on the per-token numbers.
+        assert 1 / 1.5 < lv["ratio_median_tpot_ms"] < 1.5
+
+
+def test_results_on_the_gpu_are_the_trained_models_answers():
+    corr = read("correctness", "result.json")
+    assert corr["passed"] == corr["total"] == 4
+    assert corr["parity"]["match_rate"] == 1.0  # vLLM's greedy tokens = transformers' offline greedy tokens
+    assert lookup(corr, "evals[id=wikitext2_ppl].status") == "failed"  # vLLM returned NaN prompt logprobs
+    assert "not JSON compliant: nan" in lookup(corr, "evals[id=wikitext2_ppl].reason")
+    needle = read("needle", "result.json")
+    assert needle["cells_run"] == 20 and needle["hits"] == 17
+
+
+def test_decisive_lines_of_a_real_engine_crash():
+    lines = decisive_lines((FIXTURES / "h200-engine-crash-server.log").read_text())
+    assert any("illegal memory access" in line for line in lines)
+    assert not any(line.startswith("File ") for line in lines)
+
+
+def test_fp8_on_the_gpu_host_failed_before_serving_and_says_why():
+    fp8 = json.loads((REPO_ROOT / "results" / "reference" / "h200-gpu-tiny-vllm-fp8" / "summary.json").read_text())
+    assert fp8["stages"]["quantize"]["status"] == "failed"
+    assert "exec_jobs_dynamic" in fp8["stages"]["quantize"]["error"]  # llm-compressor 0.14 vs vLLM's compressed-tensors
+    assert fp8["serve"]["status"] == "not run"
+
+
+def test_prometheus_text_round_trip_of_a_real_family():
+    parsed = json.loads((RUN / "benchmark" / "server-metrics.json").read_text())
+    fam = parsed["vllm:time_to_first_token_seconds"]
+    assert fam["type"] == "histogram"
+    def line(sample):
+        labels = ",".join(f'{k}="{v}"' for k, v in sample["labels"].items())
+        return f"{sample['name']}{{{labels}}} {sample['value']}"
+
+    text = "\n".join(line(s) for s in fam["samples"])
+    again = parse_prometheus(f"# TYPE vllm:time_to_first_token_seconds histogram\n{text}\n")
+    assert again["vllm:time_to_first_token_seconds"]["samples"] == fam["samples"]
