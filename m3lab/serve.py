@@ -25,6 +25,7 @@ from typing import Any
 
 from m3lab import procs
 from m3lab.stage import StageContext, StageError, read_json, write_json
+from m3lab.vllm_obs import decisive_lines, parse_server_log
 
 __all__ = ["ServerRecord", "build_command", "display_command", "check_engine", "start_server", "ensure_alive",
            "stop_server", "stop_all", "run_stage"]
@@ -131,18 +132,13 @@ def start_server(engine: str, model_dir: str, serve: dict[str, Any], run_dir: Pa
         write_json(record_path, asdict(rec))  # before the wait: the runner must be able to stop it
         rec.startup_s = round(procs.wait_for_server_ready(
             f"http://{serve['host']}:{port}/health", proc.pid, serve["startup_timeout_s"], log_path), 2)
-    except procs.ServerDied as e:
+    except BaseException as e:
         procs.stop_process_tree(proc.pid)
         record_path.unlink(missing_ok=True)
-        from m3lab.vllm_obs import decisive_lines
-
-        decisive = decisive_lines(log_path.read_text(errors="replace")) if log_path.is_file() else []
-        if decisive:  # the lines that say why, ahead of the raw tail (vLLM's tracebacks bury them)
-            raise procs.ServerDied("decisive log lines:\n" + "\n".join(decisive) + "\n" + str(e)) from None
-        raise
-    except BaseException:
-        procs.stop_process_tree(proc.pid)
-        record_path.unlink(missing_ok=True)
+        if isinstance(e, procs.ServerDied) and log_path.is_file():
+            decisive = decisive_lines(log_path.read_text(errors="replace"))
+            if decisive:  # the lines that say why, ahead of the raw tail (vLLM's tracebacks bury them)
+                raise procs.ServerDied("decisive log lines:\n" + "\n".join(decisive) + "\n" + str(e)) from None
         raise
     write_json(record_path, asdict(rec))
     return rec
@@ -238,7 +234,5 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     if engine == "vllm":
         # What vLLM says about itself at start-up: weights per GPU, KV-cache capacity, max concurrency (card 002
         # quotes exactly these: "87.6 GiB per GPU, KV 46,464 tokens").
-        from m3lab.vllm_obs import parse_server_log
-
         result["vllm"] = parse_server_log(Path(rec.log_path).read_text(errors="replace")).to_dict()
     return result
