@@ -5,7 +5,7 @@
     python -m m3lab.train install build/tiny-m3-train                                # → m3lab/assets/tiny-m3/
 
 The model is `TinySpec()` exactly as the embedded DAG builds it (`build_tiny_model(weights="random")` is the
-init), trained in bf16 autocast over fp32 weights with AdamW. Three things beyond a plain LM loss, because M3
+init), trained in bf16 autocast over fp32 weights with AdamW. Four things beyond a plain LM loss, because M3
 has parts that a next-token loss alone cannot train:
 
   * the loss is split: answers (what the stages grade) and prompts (filler, questions, chat context) are
@@ -17,7 +17,11 @@ has parts that a next-token loss alone cannot train:
     steps run the sparse layers dense (every block selected) so attention learns where to look before the
     indexer decides what it may see,
   * MoE routing is balanced without an aux loss, as M3's `e_score_correction_bias` is meant to be used: after
-    each step the bias of an overloaded expert goes down by `bias_update_rate`, of an underloaded one up.
+    each step the bias of an overloaded expert goes down by `bias_update_rate`, of an underloaded one up,
+  * the shared experts are made load-bearing, as a real M3's are: per token, each MoE layer's routed output
+    (`routed_dropout`) and the dense layer's MLP output (`dense_dropout`) are dropped in training, so the never-
+    dropped shared experts must carry the core computation and a loader that zeroes them is caught (off by
+    default: the committed weights predate it).
 
 `--time-budget-s` turns a wall-clock budget into a step count after `calibrate_steps` steps (logged and written
 to the model card), so a retrain with `--steps N` repeats the run.
@@ -70,6 +74,11 @@ class TrainConfig:
     indexer_queries: int = 256  # query positions per sequence the indexer is distilled on (32 of them the last)
     dense_warmup_frac: float = 0.2  # first steps: sparse layers attend every block, the indexer learns from that
     bias_update_rate: float = 1e-3  # e_score_correction_bias step per update (aux-loss-free balancing)
+    # Shared experts made load-bearing: per token, drop the MoE layers' routed output / the dense layer's MLP output
+    # in training. 0 = off, which is how the committed weights were trained; 0.5/0.5 makes zeroed shared experts
+    # break greedy outputs (see RoutedExpertDropout) but cost ~8 points of held-out arithmetic at 3409 steps.
+    routed_dropout: float = 0.5
+    dense_dropout: float = 0.5
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     # the end-of-training eval on the training device: extra needle grids, arithmetic and chat items. Greedy
@@ -230,6 +239,32 @@ class ExpertBalancer:
         return worst
 
 
+class RoutedExpertDropout:
+    """Routed-expert dropout: in training, each MoE layer drops its routed experts' output for a token with
+    probability `p` (kept outputs scaled by 1/(1-p), as dropout does), so the shared expert alone must carry the
+    layer's core computation, as a real M3's does. Without it the tiny model learned to route around its shared
+    experts: zeroing them (card 002's loader fault) changed no greedy output. Masks come from a generator seeded
+    with the run's seed: a retrain draws the same masks."""
+
+    def __init__(self, model, p: float, seed: int, device: str, dense_p: float = 0.0) -> None:
+        self.generator = torch.Generator(device).manual_seed(seed + 7919)
+        self.layers = 0
+        for layer in _text_model(model).layers:
+            if getattr(layer.mlp, "shared_experts", None) is not None:
+                module, rate = layer.mlp.experts, p
+            else:  # the dense MLP: dropped likewise, so the facts cannot all live there
+                module, rate = layer.mlp, dense_p
+            if rate > 0:
+                module.register_forward_hook(lambda m, a, out, rate=rate: self._hook(m, out, rate))
+                self.layers += 1
+
+    def _hook(self, module, output, p: float):
+        if not module.training:
+            return None
+        keep = torch.rand(*output.shape[:-1], 1, device=output.device, generator=self.generator) >= p
+        return output * keep.to(output.dtype) / (1 - p)
+
+
 # ---------------------------------------------------------------------------------------------------
 # loss
 
@@ -304,6 +339,9 @@ def train(cfg: TrainConfig) -> Path:
     model = build_tiny_model(spec, cfg.seed, weights="random").float().to(device).train()
     distill = IndexerDistillation(model, cfg.indexer_queries)
     balancer = ExpertBalancer(model, cfg.bias_update_rate)
+    dropout = RoutedExpertDropout(model, cfg.routed_dropout, cfg.seed, device, cfg.dense_dropout)
+    print(f"routed-expert dropout p={cfg.routed_dropout}, dense-MLP dropout p={cfg.dense_dropout}: "
+          f"{dropout.layers} layers", flush=True)
     opt = _optimizer(model, cfg)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training {n_params / 1e6:.2f}M parameters on {device}: {spec}", flush=True)

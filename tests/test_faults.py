@@ -36,9 +36,6 @@ def test_the_intact_trained_model_passes_every_check(trained_checkpoint, tmp_pat
     assert verdicts(trained_checkpoint, tmp_path, "none") == (1.0, 1.0, 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="measured: the trained tiny model does not rely on its shared experts — "
-                   "zeroing them shifts logits by ~1-2 but no greedy output changes, so no black-box check can "
-                   "see it (the quantize stage's shared-expert weight check does)")
 def test_shared_experts_loaded_as_zeros_are_caught(trained_checkpoint, tmp_path):
     pass_rate, match, _ = verdicts(trained_checkpoint, tmp_path, "zero_shared_experts")
     assert pass_rate < 1.0, "the prompt suite must fail"

@@ -16,7 +16,7 @@ from m3lab.download import DownloadError, _embedded_checkpoint
 from m3lab.needle import QUESTION, Haystack, build_prompt, make_key, score_completion
 from m3lab.synthdata import EOS, MixConfig, Mixture
 from m3lab.tinymodel import TRAINED_DIR, TinySpec, build_tiny_checkpoint, build_tiny_model, trained_weights
-from m3lab.train import IndexerDistillation, collate, lm_losses
+from m3lab.train import IndexerDistillation, RoutedExpertDropout, collate, lm_losses
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +156,17 @@ def test_indexer_distillation_trains_only_the_indexers(tok):
     losses["answer"].backward()  # the LM loss never reaches them: they only feed a top-k
     assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters() if ".indexer." in n)
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_routed_expert_dropout_drops_only_in_training_and_spares_the_shared_experts():
+    model = build_tiny_model(weights="random").float().train()
+    dropout = RoutedExpertDropout(model, 0.5, seed=0, device="cpu", dense_p=0.5)
+    assert dropout.layers == 4  # three MoE layers' routed experts, the dense layer's MLP
+    ids = torch.randint(0, 2000, (2, 48))
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        mlp = model.model.language_model.layers[1].mlp
+        x = torch.randn(64, TinySpec().hidden_size)
+        assert torch.equal(mlp.shared_experts(x), mlp.shared_experts(x))  # never dropped
+        model.eval()  # inference: the full model, no masks
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
