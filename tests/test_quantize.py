@@ -52,7 +52,7 @@ def test_fp8_reloads_and_generates_on_cpu(fp8: q.QuantResult) -> None:
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
     ids = torch.tensor([[1, 11, 12, 13]])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 7) and int(out.max()) < 2048
+    assert out.shape[0] == 1 and 4 < out.shape[1] <= 7 and int(out.max()) < 2048  # the trained model may stop at EOS
     assert fp8.report.reload["ok"] and len(fp8.report.reload["generated_ids"]) == 4
 
 
