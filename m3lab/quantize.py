@@ -776,5 +776,31 @@ def run_stage(ctx) -> dict[str, Any]:
     key = hashlib.sha256(json.dumps([download["commit"], download["model_dir"], cfg,
                                      Path(__file__).read_text()], sort_keys=True).encode()).hexdigest()[:16]
     out = ctx.cache_dir / "quantized" / f"{Path(download['model_dir']).name}-{recipe.recipe}-{key}"
-    result = quantize(download["model_dir"], out, recipe)
-    return {**result.to_dict(), "card_recipe": cfg["recipe"], "published": bool(download.get("published"))}
+    isolated = os.environ.get("M3LAB_QUANTIZE_PYTHONPATH")
+    if isolated and recipe.recipe != "none":
+        result = _quantize_isolated(download["model_dir"], out, recipe, isolated)
+    else:
+        result = quantize(download["model_dir"], out, recipe).to_dict()
+    return {**result, "card_recipe": cfg["recipe"], "published": bool(download.get("published"))}
+
+
+def _quantize_isolated(src: str, out: Path, recipe: QuantRecipe, pythonpath: str) -> dict[str, Any]:
+    """Quantize in a child interpreter whose import path starts with `pythonpath`.
+
+    A serving host's environment can pin libraries the quantizer cannot use: vLLM 0.25.1 pins compressed-tensors
+    0.17, llm-compressor 0.14 needs 0.19 (measured on the lent H200). The host's runner sets
+    M3LAB_QUANTIZE_PYTHONPATH to a folder holding the quantizer's own versions; only this stage sees them."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from m3lab.quantize import QuantRecipe, quantize; "
+            "r = quantize(sys.argv[1], sys.argv[2], QuantRecipe(**json.loads(sys.argv[3]))); "
+            "print('M3LAB_RESULT ' + json.dumps(r.to_dict()))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", code, src, str(out), json.dumps(asdict(recipe))], env=env,
+                          capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("M3LAB_RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise QuantizeError(f"quantize (isolated, PYTHONPATH={pythonpath} first) exited {done.returncode}:\n{tail}")
+    return json.loads(lines[-1].removeprefix("M3LAB_RESULT "))

@@ -13,6 +13,12 @@ source /tmp/site/vllm-env.sh
 unset HF_HUB_OFFLINE TRANSFORMERS_OFFLINE
 bash .gpu/wheels/install.sh /tmp/m3lab-site
 export PYTHONPATH=$PYTHONPATH:/tmp/m3lab-site:$PWD
+# The quantizer's own library versions, seen only by the quantize stage (vLLM 0.25.1 pins compressed-tensors
+# 0.17; llm-compressor 0.14 needs 0.19): `pip download --no-deps compressed-tensors==0.19.0 -d .gpu/wheels-quant`.
+if [ -d .gpu/wheels-quant ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/m3lab-quant .gpu/wheels-quant/*.whl
+  export M3LAB_QUANTIZE_PYTHONPATH=/tmp/m3lab-quant
+fi
 export M3LAB_RESULTS=/tmp/m3lab-results PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 rc=0
