@@ -51,6 +51,10 @@ from typing import Any, Literal, Sequence
 import aiohttp
 import numpy as np
 
+from m3lab.client import endpoint_url
+from m3lab.serve import ensure_alive
+from m3lab.vllm_obs import metrics_delta, scrape_metrics, summarize_metrics
+
 __all__ = [
     "run_stage",
     "vllm_bench_command",
@@ -122,8 +126,6 @@ class BenchConfig:
 
     @property
     def url(self) -> str:
-        from m3lab.client import endpoint_url
-
         return endpoint_url(self.base_url, self.endpoint)
 
 
@@ -634,8 +636,6 @@ def _scrape(server: dict[str, Any]) -> dict[str, Any] | None:
     """The server's Prometheus /metrics (vLLM has them; transformers serve does not → None)."""
     if server["engine"] != "vllm":
         return None
-    from m3lab.vllm_obs import scrape_metrics
-
     return scrape_metrics(server["base_url"], timeout=30)
 
 
@@ -680,8 +680,6 @@ def crosscheck_with_vllm_bench(cfg: BenchConfig, ours: dict[str, Any], out_dir: 
 
 def run_stage(ctx) -> dict[str, Any]:
     """The DAG's benchmark stage: the params sweep against the served model; JSON + CSV in the stage folder."""
-    from m3lab.serve import ensure_alive
-
     cfg = ctx.params["benchmark"]
     serve = ctx.upstream("serve")
     server = serve["server"]
@@ -708,8 +706,6 @@ def run_stage(ctx) -> dict[str, Any]:
         lv["prefill_tok_s"] = round(cfg["input_len"] * 1000.0 / lv["median_ttft_ms"], 3) \
             if lv["median_ttft_ms"] > 0 else None
     if metrics_before is not None and metrics_after is not None:
-        from m3lab.vllm_obs import metrics_delta, summarize_metrics
-
         # The server's own view of the sweep (its /metrics before and after): KV-cache usage, request histograms.
         out["server_metrics"] = {"status": "ok", **summarize_metrics(metrics_delta(metrics_before, metrics_after))}
         (ctx.stage_dir / "server-metrics.json").write_text(json.dumps(metrics_after, indent=1))

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import yaml
 
-from m3lab.dag import STAGES, RunError, run
+from m3lab import plan, serve, wheelhouse
+from m3lab.dag import RunError, run
 from m3lab.params import DEFAULT_PROFILE, ParamsError, load_params
 from m3lab.plan import PlanError
-from m3lab.wheelhouse import WheelhouseError
+from m3lab.quant import inspector
+from m3lab.registry import STAGES, RegistryError
 from m3lab.stage import StageError, results_root
+from m3lab.wheelhouse import WheelhouseError
 
 __all__ = ["main"]
 
@@ -37,16 +40,12 @@ def _cmd_show(a: argparse.Namespace) -> int:
 
 
 def _cmd_plan(a: argparse.Namespace) -> int:
-    from m3lab.plan import format_plan, make_plan
-
-    sys.stdout.write(format_plan(make_plan(load_params(a.params))))
+    sys.stdout.write(plan.format_plan(plan.make_plan(load_params(a.params))))
     return 0
 
 
 def _cmd_wheelhouse(a: argparse.Namespace) -> int:
-    from m3lab.wheelhouse import build_wheelhouse
-
-    house = build_wheelhouse(Path(a.out_dir), a.requirements or None, a.python_version,
+    house = wheelhouse.build_wheelhouse(Path(a.out_dir), a.requirements or None, a.python_version,
                              [Path(p) for p in a.provided])
     size = sum((Path(a.out_dir) / w["file"]).stat().st_size for w in house.wheels)
     print(f"{len(house.wheels)} wheels ({size / 2**20:.1f} MiB) in {a.out_dir}, {len(house.skipped)} skipped "
@@ -55,12 +54,14 @@ def _cmd_wheelhouse(a: argparse.Namespace) -> int:
 
 
 def _cmd_stop(a: argparse.Namespace) -> int:
-    from m3lab.serve import stop_all
-
     run_dir = Path(a.run_dir) if a.run_dir else results_root() / a.profile / "interactive"
-    stopped = stop_all(run_dir)
+    stopped = serve.stop_all(run_dir)
     print(f"stopped {len(stopped)} server(s) recorded under {run_dir / 'servers'}")
     return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    return inspector.main([a.model_dir] + (["--json"] if a.json else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="pip-freeze/lock file or name list of what the host already has (repeatable)")
     wh.set_defaults(fn=_cmd_wheelhouse)
 
+    ins = sub.add_parser("inspect", help="a checkpoint folder's bits per weight, formats, exclusions and "
+                         "shared-expert check (exit 1 when a check fails)")
+    ins.add_argument("model_dir")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+    ins.set_defaults(fn=_cmd_inspect)
+
     st = sub.add_parser("stop", help="stop servers left running by interactive notebook sessions")
     st.add_argument("profile", nargs="?", default=DEFAULT_PROFILE)
     st.add_argument("--run-dir", default=None, help="a run folder (default results/<profile>/interactive)")
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return a.fn(a)
-    except (ParamsError, RunError, StageError, PlanError, WheelhouseError) as e:
+    except (ParamsError, RunError, StageError, PlanError, WheelhouseError, RegistryError) as e:
         print(f"m3lab: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

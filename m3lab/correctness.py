@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from m3lab import evals
 from m3lab.client import RequestFailed, complete
 from m3lab.stage import StageContext
 
@@ -98,34 +99,6 @@ def run_parity(server: dict[str, Any], model_dir: str, prompts: list[str], max_t
     return results
 
 
-def run_ppl_eval(ev: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
-    """Token-level perplexity through vLLM's prompt_logprobs (card 002's method), as an eval record.
-
-    args: --data (a text file; `m3lab:filler` = 400 sentences of m3lab's own needle filler, the text the tiny
-    model was trained on), --window-tokens, --max-windows, --detokenize (wikitext's tokenized v1 spacing)."""
-    from transformers import AutoTokenizer
-
-    from m3lab import needle, ppl
-
-    args = ev["args"]
-    data = str(args.get("--data", ""))
-    if data == "m3lab:filler":
-        corpus = needle.filler_text(400, seed=ev["seeds"][0] if ev["seeds"] else 0)
-    elif Path(data).is_file():
-        corpus = ppl.read_wikitext(data, detokenize=bool(args.get("--detokenize")))
-    else:
-        return {"id": ev["id"], "status": "not run", "reason": f"--data {data!r}: no such file"}
-    tok = AutoTokenizer.from_pretrained(server["model_dir"])
-    try:
-        r = ppl.server_perplexity(server, ppl.tokenize(corpus, tok), int(args.get("--window-tokens", 2048)),
-                                  max_windows=args.get("--max-windows"))
-    except ppl.PPLNotSupported as e:
-        return {"id": ev["id"], "status": "not run", "reason": str(e)}
-    except RequestFailed as e:  # the server is alive but refused (e.g. vLLM could not serialize a NaN logprob)
-        return {"id": ev["id"], "status": "failed", "reason": str(e)}
-    return {"id": ev["id"], "status": "ok", "runner": ev["runner"], "score": r.ppl, **asdict(r)}
-
-
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.params["correctness"]
     server = ctx.upstream("serve")["server"]
@@ -152,20 +125,5 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         }
     else:
         result["parity"] = {"status": "not run", "reason": "correctness.parity.enabled is false in the profile"}
-    result["evals"] = [run_one_eval(ev, server, ctx.stage_dir / "evals" / ev["id"]) for ev in cfg.get("evals", [])]
+    result["evals"] = [evals.run_one(ev, server, ctx.stage_dir / "evals" / ev["id"]) for ev in cfg.get("evals", [])]
     return result
-
-
-def run_one_eval(ev: dict[str, Any], server: dict[str, Any], out_dir) -> dict[str, Any]:
-    """One eval's record: scores (also in %, the cards' unit) or, if it could not run, the reason — never a
-    number. A dead server is not an eval failure: ServerDied propagates and fails the stage."""
-    from m3lab.evals import EvalError, run_eval
-
-    if ev["runner"] == "prompt_logprobs_ppl":
-        return run_ppl_eval(ev, server)
-    try:
-        r = asdict(run_eval(ev, server, out_dir))
-    except EvalError as e:
-        return {"id": ev["id"], "status": "not run", "reason": str(e)}
-    pct = lambda x: None if x is None else round(100.0 * x, 4)  # noqa: E731
-    return {**r, "status": "ok", "score_pct": pct(r["score"]), "stderr_pct": pct(r["stderr"])}

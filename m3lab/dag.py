@@ -1,14 +1,20 @@
-"""The DAG, declared once, and the runner that executes it with papermill.
+"""The DAG runner: plans which stages execute and which are reused, then executes them with papermill.
 
     download → quantize → serve → correctness ┐
                                   → needle      ├→ plot
                                   → benchmark  ┘
 
-Each stage is a notebook in `notebooks/` plus one `m3lab` module. A stage's *fingerprint* hashes what decides
-its output: the params sections it reads, its notebook's code, its module's source, and its upstream stages'
-fingerprints. A stage whose fingerprint matches an earlier successful run of the same profile is not executed
-again: its (small) outputs are copied into the new run and marked `reused`. Big artifacts (checkpoints) live in
-content-addressed folders under `results/.cache`, so they are never copied.
+The stages are declared once, in `m3lab.registry.STAGES`. A stage's *fingerprint* hashes what decides its
+output: the params sections it reads, its notebook's code, the source of every m3lab module its notebook and
+module reach by imports (and of the registered implementations its params pick: the engine, the recipe, the
+eval runners, the fault), the data files those modules declare, and its upstream stages' fingerprints
+(`m3lab.fingerprint`). Nothing is listed by hand.
+
+A stage is *reused* (its small outputs copied into the new run, marked `reused`) only when an earlier run of
+the same profile made it with the same fingerprint, it ended ok there, its upstream stages ended the same way
+in this run as they did there (a plot made after a failed needle is not reused once the needle passes), and the
+big artifacts it lists (`artifacts` in its result.json: checkpoints under `results/.cache`) are still there
+with the same content. Otherwise it runs.
 
 `serve` is special: its product is a live process. It runs whenever a stage that needs the server runs, and is
 reused (not started) when none does. Every server a run starts is stopped at the end — on success, on failure,
@@ -29,10 +35,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from m3lab import fingerprint, report, serve
+from m3lab.digest import verify_artifacts
 from m3lab.params import REPO_ROOT, Params, load_params, params_hash
+from m3lab.registry import REGISTRIES, STAGES, StageSpec
+from m3lab.report import RunReport
 from m3lab.stage import read_json, results_root, write_json
 
-__all__ = ["Stage", "STAGES", "RunError", "RunReport", "run", "plan_run"]
+__all__ = ["STAGES", "RunError", "RunReport", "run", "plan_run", "fingerprints", "stage_modules"]
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -41,55 +51,41 @@ class RunError(RuntimeError):
     """The run cannot start or cannot go on; the message says why."""
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    notebook: str
-    module: str  # m3lab module holding the stage's logic
-    sections: tuple[str, ...]  # params sections the stage reads
-    deps: tuple[str, ...] = ()
-    needs_server: bool = False
-    soft_deps: bool = False  # runs even if a dep failed (plot shows what there is)
-    sources: tuple[str, ...] = ()  # further files under m3lab/ (globs) whose content decides the stage's output
-
-    def slice(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {s: params[s] for s in self.sections}
-
-
-_ORDER = [
-    Stage("download", "01_download.ipynb", "download", ("model", "download"),
-          sources=("hub.py", "tinymodel.py", "checkpoint.py", "assets/**/*")),
-    Stage("quantize", "02_quantize.ipynb", "quantize", ("quantize",), deps=("download",), sources=("checkpoint.py",)),
-    Stage("serve", "03_serve.ipynb", "serve", ("serve", "hardware", "model"), deps=("quantize",),
-          sources=("procs.py", "checkpoint.py", "faults.py", "vllm_obs.py")),
-    Stage("correctness", "04_correctness.ipynb", "correctness", ("correctness",), deps=("serve",), needs_server=True,
-          sources=("client.py", "evals.py", "tasks/*")),
-    Stage("needle", "05_needle.ipynb", "needle", ("needle", "model"), deps=("serve",), needs_server=True),
-    Stage("benchmark", "06_benchmark.ipynb", "benchmark", ("benchmark",), deps=("serve",), needs_server=True),
-    Stage("plot", "07_plot.ipynb", "plot", ("plot", "claims"), deps=("correctness", "needle", "benchmark"),
-          soft_deps=True, sources=("claims.py",)),
-]
-STAGES: dict[str, Stage] = {s.name: s for s in _ORDER}
-
-
 def _code_of_notebook(path: Path) -> str:
     """Only code cells count: editing markdown or clearing outputs does not invalidate a stage."""
     nb = json.loads(path.read_text(encoding="utf-8"))
     return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
 
 
+def _picked(params: dict[str, Any], path: str) -> list[str]:
+    """Values at a params path such as `serve.engine` or `correctness.evals[].runner`."""
+    nodes: list[Any] = [params]
+    for part in path.split("."):
+        many = part.endswith("[]")
+        key = part.removesuffix("[]")
+        nodes = [n.get(key) for n in nodes if isinstance(n, dict)]
+        if many:
+            nodes = [x for n in nodes for x in (n or [])]
+    return [n for n in nodes if isinstance(n, str)]
+
+
+def stage_modules(st: StageSpec, params: dict[str, Any]) -> list[str]:
+    """Every m3lab module whose code decides this stage's output, for these params."""
+    roots = {st.module} | fingerprint.notebook_imports(NOTEBOOKS / st.notebook)
+    for kind, path in st.plugins:
+        roots |= {REGISTRIES[kind].get(name).module for name in _picked(params, path)}
+    return fingerprint.closure(roots)
+
+
 def fingerprints(params: dict[str, Any]) -> dict[str, str]:
     fps: dict[str, str] = {}
-    for st in _ORDER:
+    for st in STAGES.values():
         h = hashlib.sha256()
         h.update(st.name.encode())
         h.update(params_hash(st.slice(params)).encode())
         h.update(_code_of_notebook(NOTEBOOKS / st.notebook).encode())
-        pkg = REPO_ROOT / "m3lab"
-        files = [pkg / f"{st.module}.py"] + sorted(f for g in st.sources for f in pkg.glob(g) if f.is_file())
-        for f in files:
-            h.update(f.relative_to(pkg).as_posix().encode())
-            h.update(f.read_bytes())
+        mods = stage_modules(st, params)
+        fingerprint.digest_files([fingerprint.module_path(m) for m in mods] + fingerprint.data_files(mods), h)
         for d in st.deps:
             h.update(fps[d].encode())
         fps[st.name] = h.hexdigest()
@@ -109,21 +105,51 @@ class StagePlan:
     reason: str = ""
 
 
-def _find_reusable(profile_dir: Path, stage: str, fp: str) -> Path | None:
-    """The newest earlier run whose stage finished ok with this fingerprint."""
+def _outcome(status: str | None) -> str:
+    """What a downstream stage cares about: did its input exist (ok), or not (failed, not run, …)."""
+    return "ok" if status in ("ok", "reused") else (status or "not run")
+
+
+def _earlier_runs(profile_dir: Path) -> list[Path]:
     if not profile_dir.is_dir():
-        return None
-    for run in sorted((p for p in profile_dir.iterdir() if p.is_dir() and p.name[:1].isdigit()), reverse=True):
-        status = run / stage / "status.json"
-        if status.is_file():
-            s = read_json(status)
-            if s.get("fingerprint") == fp and s.get("status") in ("ok", "reused"):
-                return run / stage
-    return None
+        return []
+    return sorted((p for p in profile_dir.iterdir() if p.is_dir() and p.name[:1].isdigit()), reverse=True)
+
+
+def _find_reusable(profile_dir: Path, st: StageSpec, fp: str, upstream: dict[str, str] | None = None,
+                   exclude: Path | None = None) -> tuple[Path | None, str]:
+    """The newest earlier run whose stage ended ok with this fingerprint, made from the same upstream outcomes
+    (when given), and whose artifacts are intact; else (None, why not)."""
+    why = ""
+    for run in _earlier_runs(profile_dir):
+        if run == exclude:
+            continue
+        status = run / st.name / "status.json"
+        if not status.is_file():
+            continue
+        s = read_json(status)
+        if s.get("fingerprint") != fp or s.get("status") not in ("ok", "reused"):
+            continue
+        made_from = s.get("upstream")
+        if made_from is None and st.deps:
+            why = why or f"{run.name} did not record its upstream outcomes"
+            continue
+        if upstream is not None and made_from != upstream:
+            why = why or f"{run.name} was made from upstream outcomes {made_from}, this run has {upstream}"
+            continue
+        result = run / st.name / "result.json"
+        problems = verify_artifacts(read_json(result)) if result.is_file() else []
+        if problems:
+            why = why or f"{run.name}'s cached artifacts changed: {problems[0]}"
+            continue
+        return run / st.name, ""
+    return None, why
 
 
 def plan_run(params: Params, only: str | None = None, from_: str | None = None, force: bool = False,
              root: Path | None = None) -> list[StagePlan]:
+    """What each stage will do, assuming every stage that runs ends ok (the runner re-checks reuse against the
+    outcomes it actually gets)."""
     for name, flag in ((only, "--only"), (from_, "--from")):
         if name is not None and name not in STAGES:
             raise RunError(f"{flag} {name}: unknown stage; stages: {', '.join(STAGES)}")
@@ -138,45 +164,34 @@ def plan_run(params: Params, only: str | None = None, from_: str | None = None, 
     else:
         selected = set(names)
     forced = force or only is not None or from_ is not None
+    ok_upstream = {n: {d: "ok" for d in STAGES[n].deps} for n in names}
+    prev = {n: _find_reusable(profile_dir, STAGES[n], fps[n], ok_upstream[n]) for n in names}
 
-    serve_needed = any((s.name in selected and (forced or _find_reusable(profile_dir, s.name, fps[s.name]) is None))
-                       for s in _ORDER if s.needs_server)
+    serve_needed = any(s.name in selected and (forced or prev[s.name][0] is None)
+                       for s in STAGES.values() if s.needs_server)
     plans: dict[str, StagePlan] = {}
     for name in names:
         fp = fps[name]
-        prev = _find_reusable(profile_dir, name, fp)
+        found, why_not = prev[name]
         if name == "serve" and serve_needed:
             # The server is a live process, not a file: start it iff a stage that needs it executes.
             plans[name] = StagePlan(name, "run", fp, reason="needed by a stage that runs")
-        elif name in selected and (forced or prev is None):
-            plans[name] = StagePlan(name, "run", fp, reason="forced" if prev else "new or changed")
-        elif prev is not None:
-            plans[name] = StagePlan(name, "reuse", fp, reuse_from=prev, reason=f"unchanged since {prev.parent.name}")
+        elif name in selected and (forced or found is None):
+            plans[name] = StagePlan(name, "run", fp, reason="forced" if found else (why_not or "new or changed"))
+        elif found is not None:
+            plans[name] = StagePlan(name, "reuse", fp, reuse_from=found, reason=f"unchanged since {found.parent.name}")
         elif (only is not None and names.index(name) > names.index(only)) or name == "serve":
             plans[name] = StagePlan(name, "skip", fp, reason=f"not needed (--only {only})")
         else:
             raise RunError(
-                f"stage {name!r} has no earlier output for these params to reuse, and it is not selected; "
-                f"run it first (`m3lab run {params.profile}` or `--from {name}`)"
+                f"stage {name!r} has no earlier output for these params to reuse ({why_not or 'none made'}), and "
+                f"it is not selected; run it first (`m3lab run {params.profile}` or `--from {name}`)"
             )
     return [plans[n] for n in names]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Running.
-
-
-@dataclass
-class RunReport:
-    profile: str
-    run_id: str
-    run_dir: Path
-    status: str  # ok | failed | interrupted
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def index_html(self) -> Path:
-        return self.run_dir / "index.html"
 
 
 def _new_run_dir(profile_dir: Path) -> tuple[str, Path]:
@@ -211,8 +226,8 @@ def _stderr_to(path: Path):
             os.close(saved)
 
 
-def _execute_notebook(stage: Stage, run_dir: Path, params: Params, sliced: dict[str, Any]) -> None:
-    import papermill
+def _execute_notebook(stage: StageSpec, run_dir: Path, params: Params, sliced: dict[str, Any]) -> None:
+    import papermill  # 1-2 s to import: a fully reused run never needs it
 
     out = run_dir / stage.name / f"{stage.notebook}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,8 +248,6 @@ def _execute_notebook(stage: Stage, run_dir: Path, params: Params, sliced: dict[
 def run(profile: str | Path | None = None, only: str | None = None, from_: str | None = None, force: bool = False,
         echo: Callable[[str], None] = print, root: Path | None = None) -> RunReport:
     """Run the DAG for a profile; returns the report (the run's folder holds everything)."""
-    from m3lab import report, serve
-
     params = load_params(profile)
     plans = plan_run(params, only=only, from_=from_, force=force, root=root)
     resolved = params.model_dump(mode="json")
@@ -249,7 +262,18 @@ def run(profile: str | Path | None = None, only: str | None = None, from_: str |
             st = STAGES[plan.name]
             label = f"[{i}/{len(plans)}] {st.name:<12}"
             info: dict[str, Any] = {"stage": st.name, "fingerprint": plan.fingerprint, "started_at": _now()}
+            upstream = {d: _outcome(rep.stages.get(d, {}).get("status")) for d in st.deps}
+            info["upstream"] = upstream
             blocked = [d for d in st.deps if d in failed]
+            if plan.action == "reuse" and not blocked:
+                # Re-check against the outcomes this run actually got: a stage made after a failed upstream
+                # stage is not what this run's upstream would produce.
+                found, why_not = _find_reusable(run_dir.parent, st, plan.fingerprint, upstream, exclude=run_dir)
+                if found is None:
+                    plan = StagePlan(plan.name, "run", plan.fingerprint, reason=why_not or "upstream changed")
+                    echo(f"{label} cannot be reused ({plan.reason})")
+                else:
+                    plan.reuse_from = found
             if plan.action == "skip" or (blocked and not st.soft_deps):
                 why = plan.reason if plan.action == "skip" else f"upstream failed: {', '.join(blocked)}"
                 info.update(status="not run", reason=why)

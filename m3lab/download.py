@@ -49,6 +49,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects
 
+from m3lab import tinymodel
+from m3lab.hub import LocalHub
+
 __all__ = ["MANIFEST_NAME", "DownloadError", "DownloadParams", "DownloadResult", "ManifestFile", "download",
            "run_stage"]
 
@@ -438,7 +441,6 @@ def _embedded_checkpoint(cache_dir: Path, overrides: dict, seed: int) -> Path:
 
     import transformers
 
-    from m3lab import tinymodel
 
     overrides = dict(overrides)
     weights = overrides.pop("weights", "trained")
@@ -470,7 +472,6 @@ def _embedded_checkpoint(cache_dir: Path, overrides: dict, seed: int) -> Path:
 def run_stage(ctx) -> dict:
     """Download the profile's checkpoint. `model.source: embedded` builds the tiny M3 and serves it from a
     LocalHub on 127.0.0.1 for the duration of the download: the real client does a real HTTP download."""
-    from m3lab.hub import LocalHub
 
     model, cfg = ctx.params["model"], ctx.params["download"]
     # `use: published` fetches the card's own quantized checkpoint instead of the base model.

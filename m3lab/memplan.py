@@ -111,6 +111,7 @@ __all__ = [
 
 GiB = 1 << 30
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+DATA = ("model_configs/*.json",)  # what it reads (m3lab.fingerprint)
 
 # Every tensor of the model belongs to exactly one part; a part is priced by one precision and split one way.
 PARTS = (

@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from m3lab.client import endpoint_url
+from m3lab.serve import ensure_alive
+
 __all__ = [
     "run_stage",
     "NEEDLE_TEMPLATE",
@@ -281,8 +284,6 @@ class NeedleConfig:
 
     @property
     def url(self) -> str:
-        from m3lab.client import endpoint_url
-
         return endpoint_url(self.base_url, self.endpoint)
 
 
@@ -411,8 +412,6 @@ def run_needle(cfg: NeedleConfig, tokenizer=None) -> NeedleResult:
 
 def run_stage(ctx) -> dict[str, Any]:
     """The DAG's needle stage: the params grid against the served model, clamped to `model.max_model_len`."""
-    from m3lab.serve import ensure_alive
-
     cfg, model = ctx.params["needle"], ctx.params["model"]
     serve = ctx.upstream("serve")
     server = serve["server"]

@@ -15,10 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+from m3lab.registry import ENGINES, EVAL_RUNNERS, FAULTS, RECIPES, STAGES, Registry
 
 __all__ = [
     "ParamsError",
@@ -37,6 +40,26 @@ DEFAULT_PROFILE = "cpu-tiny"
 
 class ParamsError(ValueError):
     """A params file is unreadable or invalid; the message names the file and the key path."""
+
+
+def _registered(registry: Registry) -> Any:
+    """A str field that must name an entry of `registry` (the error lists the registered names)."""
+    return Annotated[str, AfterValidator(registry.check)]
+
+
+EngineName = _registered(ENGINES)
+RecipeName = _registered(RECIPES)
+RunnerName = _registered(EVAL_RUNNERS)
+FaultName = _registered(FAULTS)
+
+
+def _stage_name(name: str) -> str:
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    return name
+
+
+StageName = Annotated[str, AfterValidator(_stage_name)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,11 +146,8 @@ class MLXOptions(_Section):
     keep_vision: bool = True
 
 
-RECIPE_OPTIONS = {"mxfp4": "quark", "autoround": "autoround", "mlx_q4": "mlx"}
-
-
 class Quantize(_Section):
-    recipe: Literal["none", "fp8_dynamic", "mxfp4", "autoround", "mlx_q4"] = "none"
+    recipe: RecipeName = "none"
     tool: str | None = None  # informational: llm-compressor, amd-quark, auto-round, mlx-lm (m3lab plan prints it)
     ignore: list[str] | None = None  # None: the recipe's defaults (lm_head, vision, projector, gates, indexer)
     verify: bool = True  # reload + generate on CPU after quantizing; turn off where the model cannot fit in RAM
@@ -137,7 +157,7 @@ class Quantize(_Section):
 
     @model_validator(mode="after")
     def _options_match_recipe(self) -> "Quantize":
-        need = RECIPE_OPTIONS.get(self.recipe)
+        need = RECIPES.get(self.recipe).meta["options"]
         if need and getattr(self, need) is None:
             raise ValueError(f"recipe {self.recipe!r} needs its options under quantize.{need}")
         return self
@@ -151,11 +171,11 @@ KNOWN_PARSERS = {
 
 
 class Serve(_Section):
-    engine: Literal["transformers", "vllm", "mlx"] = "transformers"
+    engine: EngineName = "transformers"
     engine_version: str | None = None  # pin: a different installed version is an error before anything starts
     text_only: bool = False  # serve the language model alone (vLLM's MiniMaxM3SparseForCausalLM layout)
     # Fault-injection tests only (m3lab.faults): serve a copy broken the way a naive loader would break it.
-    fault: Literal["none", "zero_shared_experts", "wrong_rope_theta"] = "none"
+    fault: FaultName = "none"
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)  # None: a free port
     served_model_name: str = "m3"
@@ -203,7 +223,7 @@ class Eval(_Section):
     """One accuracy eval, run by the correctness stage against the served model."""
 
     id: str
-    runner: Literal["lm_eval", "lighteval", "prompt_logprobs_ppl"] = "lm_eval"
+    runner: RunnerName = "lm_eval"
     # The runner's flags, verbatim; {model}, {base_url}, {tokenizer} (and {seed} for lighteval) are filled in.
     args: dict[str, str | int | float | bool | None | dict[str, Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=list)  # one run per seed, scores averaged; [] → the runner's default
@@ -291,7 +311,7 @@ class Claim(_Section):
     unit: str = ""
     baseline: float | None = None
     kind: Literal["value", "recovery"] = "value"
-    stage: Literal["download", "quantize", "serve", "correctness", "needle", "benchmark", "plot"]
+    stage: StageName
     measure: str  # dotted path into the stage's result.json (m3lab.claims.lookup)
     measure_stderr: str | None = None
     baseline_measure: str | None = None

@@ -9,19 +9,17 @@ fit on the profile's GPUs is an error that names the profile and the numbers.
 
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from m3lab import memplan
 from m3lab.memplan import PlanError  # the profile cannot work as declared (e.g. its weights do not fit)
 from m3lab.params import Params
+from m3lab.registry import ENGINES, EVAL_RUNNERS, RECIPES
 from m3lab.serve import build_command
 
 __all__ = ["Plan", "make_plan", "format_plan", "PlanError"]
-
-MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 
 @dataclass
@@ -53,32 +51,11 @@ def _quantize_lines(p: Params) -> list[str]:
     if m.use == "published" and m.published:
         return [f"skipped: the card's published {q.recipe} checkpoint {m.published} is downloaded as is "
                 f"(model.use: published; set `reproduce` to quantize {m.repo_id} yourself)"]
-    if q.recipe == "none":
-        return ["none: the download is served as is"]
-    if q.recipe == "fp8_dynamic":
-        from m3lab.quantize import DEFAULT_IGNORE
-
-        ignore = q.ignore or list(DEFAULT_IGNORE)
-        return ["llmcompressor.oneshot(model=<download>, recipe=QuantizationModifier(targets='Linear', "
-                f"scheme='FP8_DYNAMIC', ignore={ignore})) → compressed-tensors, renamed back to the hub layout"]
-    if q.recipe == "mxfp4":
-        o = q.quark
-        return [f"quark LLMTemplate(model_type={o.model_type!r}, kv_layers_name={o.kv_layers_name}, "
-                f"q_layer_name={o.q_layer_name!r}, exclude_layers_name={o.exclude_layers_name})",
-                f"template.get_config(scheme={o.scheme!r}, exclude_layers={o.exclude_layers})",
-                "ModelQuantizer(config).direct_quantize_checkpoint(pretrained_model_path=<download>, "
-                "save_path=<out>)" + ("  # file to file, no full model load" if o.file_to_file else "")]
-    if q.recipe == "autoround":
-        o = q.autoround
-        return [f"auto-round mixed {'/'.join(map(str, o.bits))}-bit (average {o.average_bits} bits), group_size "
-                f"{o.group_size}, sym={o.sym}",
-                f"vLLM hf_overrides the card needed: {json.dumps(o.hf_overrides)}"]
-    if q.recipe == "mlx_q4":
-        o = q.mlx
-        return [f"mlx_lm.convert --hf-path <download> -q --q-bits {o.bits} --q-group-size {o.group_size}  "
-                f"# {o.high_bits}-bit on {o.high_bits_modules}; vision tower "
-                f"{'kept' if o.keep_vision else 'dropped'}"]
-    raise PlanError(f"quantize.recipe: no plan for {q.recipe!r}")
+    entry = RECIPES.get(q.recipe)
+    lines = RECIPES.load(q.recipe).plan_lines(q)
+    if not entry.meta["implemented"]:
+        lines.append(f"note: {q.recipe} is planned, not implemented yet: `m3lab run` stops before quantizing")
+    return lines
 
 
 def _serve_lines(p: Params) -> list[str]:
@@ -87,8 +64,9 @@ def _serve_lines(p: Params) -> list[str]:
         model_dir = "results/.cache/quantized/<download>-<recipe>-<hash>"
     else:
         model_dir = f"results/.cache/models/{m.published}/{m.published_revision or 'main'}"
-    if p.serve.engine == "transformers" or p.serve.text_only:
-        model_dir += ".text-" + ("transformers" if p.serve.engine == "transformers" else "vllm")
+    flavor = ENGINES.load(p.serve.engine).checkpoint_flavor(p.serve.text_only)
+    if flavor:
+        model_dir += f".text-{flavor}"
     argv = build_command(p.serve.engine, model_dir, p.serve.model_dump(mode="json"), p.serve.port or 8000)
     lines = [shlex.join(argv)]
     if p.serve.env:
@@ -105,25 +83,14 @@ def _correctness_lines(p: Params) -> list[str]:
     lines = [f"{len(c.prompts)} greedy prompts: " + ", ".join(f"{x.id}→{x.expect}" for x in c.prompts),
              "serving parity vs offline transformers greedy" if c.parity.enabled else "parity: off"]
     server = {"model": p.serve.served_model_name, "base_url": "http://127.0.0.1:8000/v1", "engine": p.serve.engine}
-    from m3lab import evals
-
     for e in c.evals:
-        if e.runner == "prompt_logprobs_ppl":
-            lines.append(f"perplexity of {e.args.get('--data')} through /v1/completions prompt_logprobs, windows of "
-                         f"{e.args.get('--window-tokens', 2048)} tokens (max {e.args.get('--max-windows')})")
-            continue
-        for seed in e.seeds or [None]:  # no seeds: one run with the runner's own default
-            argv = evals.build_command(e.model_dump(mode="json"), server, Path(f"<run>/correctness/evals/{e.id}"),
-                                       seed)
-            lines.append(shlex.join(argv))
+        lines += EVAL_RUNNERS.load(e.runner).plan_lines(e.model_dump(mode="json"), server)
     return lines
 
 
 def _memory(p: Params) -> dict[str, Any] | None:
     if p.hardware.accelerator == "none":
         return None
-    from m3lab import memplan
-
     return memplan.plan_for_params(p)
 
 

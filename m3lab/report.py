@@ -16,17 +16,33 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
+import m3lab
+from m3lab.digest import folder_manifest
 from m3lab.params import REPO_ROOT, Params, params_hash
+from m3lab.registry import STAGES
 from m3lab.stage import read_json, write_json
 
-if TYPE_CHECKING:
-    from m3lab.dag import RunReport
-
-__all__ = ["notebook_to_html", "headline", "build_summary", "provenance", "write_index", "finish_run"]
+__all__ = ["RunReport", "notebook_to_html", "headline", "build_summary", "provenance", "write_index", "finish_run"]
 
 SUMMARY_SCHEMA = "m3lab.summary/1"
+
+
+@dataclass
+class RunReport:
+    """What the runner hands over at the end of a run: which stages did what (their status.json contents)."""
+
+    profile: str
+    run_id: str
+    run_dir: Path
+    status: str  # ok | failed | interrupted
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def index_html(self) -> Path:
+        return self.run_dir / "index.html"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
@@ -102,9 +118,7 @@ _BENCH_KEYS = ["concurrency", "completed", "failed", "request_throughput", "outp
 
 
 def _benchmark(r: dict) -> dict:
-    from m3lab.plot import benchmark_rows
-
-    return {"levels": [{k: row[k] for k in _BENCH_KEYS if k in row} for row in benchmark_rows(r)]}
+    return {"levels": [{k: row[k] for k in _BENCH_KEYS if k in row} for row in r.get("levels", [])]}
 
 
 _HEADLINES = {"download": _download, "quantize": _quantize, "serve": _serve, "correctness": _correctness,
@@ -145,15 +159,27 @@ def build_summary(rep: RunReport, duration_s: float) -> dict[str, Any]:
 # Provenance: what exactly produced these numbers.
 
 
-def _git_sha() -> str | None:
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+
+
+def git_state() -> dict[str, Any]:
+    """The commit this code is, and whether the tree differs from it. Outside a checkout (a copy sent to a GPU
+    host), `M3LAB_GIT_COMMIT` may carry the commit the copy was made from; otherwise "unknown" and why."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+        head = _git("rev-parse", "--verify", "HEAD")
+        if head.returncode == 0:
+            dirty = _git("status", "--porcelain", "--untracked-files=no")
+            return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0
+                    else None, "source": "git"}
+        why = (head.stderr.strip().splitlines() or [f"git rev-parse exited {head.returncode}"])[-1]
+    except (OSError, subprocess.SubprocessError) as e:
+        why = f"git not available: {e}"
+    given = os.environ.get("M3LAB_GIT_COMMIT", "").strip()
+    if given:
+        commit, _, flag = given.partition("-")
+        return {"commit": commit, "dirty": flag == "dirty", "source": "M3LAB_GIT_COMMIT (not a git checkout)"}
+    return {"commit": "unknown", "dirty": None, "source": "none", "reason": f"{REPO_ROOT}: {why}"}
 
 
 def _gpus() -> list[str]:
@@ -184,12 +210,21 @@ def provenance(params: Params, run_dir: Path) -> dict[str, Any]:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             versions[p] = None
-    checkpoints = {}
-    for stage in ("download", "quantize"):
+    checkpoints: dict[str, Any] = {}
+    for stage in ("download", "quantize", "serve"):
         path = run_dir / stage / "result.json"
-        if path.is_file():
-            r = read_json(path)
-            checkpoints[stage] = {k: r[k] for k in ("commit", "digest", "model_dir") if k in r}
+        if not path.is_file():
+            continue
+        r = read_json(path)
+        if stage == "download":
+            checkpoints[stage] = {"commit": r.get("commit"), "model_dir": r.get("model_dir"),
+                                  "files": {f["path"]: f.get("sha256") for f in r.get("files", [])}}
+        elif stage == "quantize":
+            model = (r.get("artifacts") or {}).get("model") or {}
+            checkpoints[stage] = {"model_dir": r.get("model_dir"), "files": model.get("files")}
+        elif stage == "serve" and r.get("tokenizer_dir") and Path(r["tokenizer_dir"]).is_dir():
+            # What the server loaded (a text-only or fault copy where the engine needs one), hashed now.
+            checkpoints["served"] = {"model_dir": r["tokenizer_dir"], "files": folder_manifest(r["tokenizer_dir"])}
     return {
         "python": sys.version.split()[0],
         "executable": sys.executable,
@@ -197,7 +232,8 @@ def provenance(params: Params, run_dir: Path) -> dict[str, Any]:
         "cpu": _cpu(),
         "cpu_count": os.cpu_count(),
         "gpus": _gpus(),
-        "git_sha": _git_sha(),
+        "m3lab_version": m3lab.__version__,
+        "git": git_state(),
         "packages": versions,
         "params_hash": params_hash(params),
         "checkpoints": checkpoints,
@@ -248,8 +284,6 @@ def _claims_html(claims: list[dict[str, Any]]) -> str:
 
 
 def write_index(run_dir: Path, summary: dict[str, Any], params: Params) -> Path:
-    from m3lab.dag import STAGES
-
     stage_rows = []
     for name, st in STAGES.items():
         s = summary["stages"].get(name, {"status": "not run"})
@@ -291,8 +325,6 @@ def _b64(path: Path) -> str:
 
 def finish_run(rep: RunReport, params: Params, duration_s: float) -> None:
     """Called by the runner at the end, whatever happened: HTML per stage, summary, provenance, index."""
-    from m3lab.dag import STAGES
-
     for name, st in STAGES.items():
         nb = rep.run_dir / name / st.notebook
         page = rep.run_dir / name / f"{name}.html"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 import time
 import urllib.request
@@ -24,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from m3lab import procs
+from m3lab.registry import ENGINES
 from m3lab.stage import StageContext, StageError, read_json, write_json
-from m3lab.vllm_obs import decisive_lines, parse_server_log
+from m3lab.vllm_obs import decisive_lines
 
 __all__ = ["ServerRecord", "build_command", "display_command", "check_engine", "start_server", "ensure_alive",
            "stop_server", "stop_all", "run_stage"]
-
-ENGINE_PACKAGE = {"transformers": "transformers", "vllm": "vllm", "mlx": "mlx-lm"}
 
 
 @dataclass
@@ -49,50 +49,23 @@ class ServerRecord:
     startup_s: float | None = None
 
 
-def _flags(args: dict[str, Any]) -> list[str]:
-    """{"--block-size": 128, "--enforce-eager": true, "--x": false} → ["--block-size", "128", "--enforce-eager"]."""
-    out: list[str] = []
-    for flag, value in args.items():
-        if value is True or value is None:
-            out.append(flag)
-        elif value is False:
-            continue  # a false boolean flag is simply absent
-        elif isinstance(value, (dict, list)):
-            out += [flag, json.dumps(value)]
-        else:
-            out += [flag, str(value)]
-    return out
-
-
 def build_command(engine: str, model_dir: str, serve: dict[str, Any], port: int) -> list[str]:
-    """The server's command line as a user would type it (first word: `vllm` or `transformers`)."""
-    host = serve["host"]
-    if engine == "vllm":
-        head = ["vllm", "serve", model_dir, "--host", host, "--port", str(port),
-                "--served-model-name", serve["served_model_name"]]
-    elif engine == "transformers":
-        head = ["transformers", "serve", model_dir, "--host", host, "--port", str(port)]
-    elif engine == "mlx":
-        head = ["mlx_lm.server", "--model", model_dir, "--host", host, "--port", str(port)]
-    else:
-        raise StageError(f"serve.engine: unknown engine {engine!r}; engines: {', '.join(ENGINE_PACKAGE)}")
-    return head + _flags(serve.get("args") or {})
+    """The server's command line as a user would type it (m3lab.engines.<engine>.command)."""
+    return ENGINES.load(engine).command(model_dir, serve, port)
 
 
 def display_command(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def _executable(argv: list[str]) -> list[str]:
+def _executable(engine: str, argv: list[str]) -> list[str]:
     """Run the engine from this interpreter's environment (the GPU host has no `vllm` script on PATH)."""
-    module = {"vllm": "vllm.entrypoints.cli.main", "transformers": "transformers.cli.transformers",
-              "mlx_lm.server": "mlx_lm.server"}[argv[0]]
-    return [sys.executable, "-m", module, *argv[1:]]
+    return [sys.executable, "-m", ENGINES.load(engine).MODULE, *argv[1:]]
 
 
 def check_engine(engine: str, pinned: str | None) -> str:
     """The engine's installed version; a clear error if it is missing or differs from the profile's pin."""
-    package = ENGINE_PACKAGE[engine]
+    package = ENGINES.load(engine).PACKAGE
     try:
         version = metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -120,11 +93,11 @@ def start_server(engine: str, model_dir: str, serve: dict[str, Any], run_dir: Pa
     port = _pick_port(serve)
     argv = build_command(engine, model_dir, serve, port)
     log_path = run_dir / "servers" / f"{name}.log"
-    proc = procs.start_detached(_executable(argv), log_path, env=serve.get("env") or {})
+    proc = procs.start_detached(_executable(engine, argv), log_path, env=serve.get("env") or {})
     rec = ServerRecord(
         engine=engine, argv=argv, command=display_command(argv), host=serve["host"], port=port,
         base_url=f"http://{serve['host']}:{port}/v1",
-        model=model_name or (serve["served_model_name"] if engine == "vllm" else model_dir),
+        model=model_name or ENGINES.load(engine).request_model(serve, model_dir),
         model_dir=model_dir, pid=proc.pid, log_path=str(log_path), started_at=time.time(),
     )
     record_path = run_dir / "servers" / f"{name}.json"
@@ -193,11 +166,10 @@ def served_checkpoint(engine: str, model_dir: str, text_only: bool, fault: str =
     """The folder the engine loads. transformers serve needs the text-only model (the VL processor needs
     torchvision); vLLM takes the VL checkpoint as is, or a text-only one in vLLM's layout when asked.
     A planted `fault` (m3lab.faults, for fault-injection tests) breaks a copy, never the checkpoint itself."""
-    import shutil
-
+    # Layout conversion needs torch (seconds to import): only here, so `m3lab run` can stop servers without it.
     from m3lab import checkpoint, faults
 
-    flavor = "transformers" if engine == "transformers" else ("vllm" if text_only else None)
+    flavor = ENGINES.load(engine).checkpoint_flavor(text_only)
     if flavor is None and fault == "none":
         return model_dir
     dst = Path(f"{model_dir.rstrip('/')}" + (f".text-{flavor}" if flavor else "") +
@@ -231,8 +203,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "smoke": smoke,
         "fault": serve.get("fault", "none"),
     }
-    if engine == "vllm":
-        # What vLLM says about itself at start-up: weights per GPU, KV-cache capacity, max concurrency (card 002
-        # quotes exactly these: "87.6 GiB per GPU, KV 46,464 tokens").
-        result["vllm"] = parse_server_log(Path(rec.log_path).read_text(errors="replace")).to_dict()
+    facts = ENGINES.load(engine).startup_facts(Path(rec.log_path).read_text(errors="replace"))
+    if facts is not None:
+        result[engine] = facts  # what the engine said about itself at start-up
     return result

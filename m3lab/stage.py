@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from m3lab.params import REPO_ROOT, load_params
+from m3lab.registry import STAGES
 
 __all__ = ["StageContext", "StageError", "context", "results_root", "write_json", "read_json"]
 
@@ -77,8 +78,6 @@ class StageContext:
 
 def context(stage: str, profile: str = "cpu-tiny", run_dir: str | Path = "", params: dict | None = None) -> StageContext:
     """Build the context from a notebook's parameters (see the module docstring)."""
-    from m3lab.dag import STAGES  # the DAG declares which sections each stage reads
-
     if stage not in STAGES:
         raise StageError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     if params is None:

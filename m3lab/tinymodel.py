@@ -440,6 +440,7 @@ def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
 # Weights: trained (m3lab/assets/tiny-m3/, see m3lab/train.py), random, or a hub-layout safetensors file.
 
 TRAINED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-m3"
+DATA = ("assets/tiny-m3/model.safetensors", "assets/tiny-m3/spec.json")  # what it reads (m3lab.fingerprint)
 
 
 def trained_weights(spec: TinySpec, seed: int) -> Path:

@@ -55,6 +55,7 @@ __all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "install",
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = Path(__file__).resolve().parent / "assets" / "tiny-m3"
+DATA = ("assets/tiny-m3/*",)  # it writes (and documents) the whole folder (m3lab.fingerprint)
 TASKS = ("needle", "facts", "arith", "chat")
 
 
@@ -541,7 +542,7 @@ def evaluate_checkpoint(model_dir: str | Path, fp8: bool = False, threads: int |
         torch.set_num_threads(threads)
     model_dir = Path(model_dir)
     if fp8:
-        from m3lab.quantize import quantize
+        from m3lab.quant.core import quantize
 
         model_dir = Path(quantize(model_dir, f"{model_dir}.fp8", "fp8_dynamic").model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -36,6 +36,7 @@ __all__ = ["WheelhouseError", "Wheelhouse", "DEFAULT_REQUIREMENTS", "closure", "
 DEFAULT_REQUIREMENTS = ["papermill", "nbconvert", "nbformat", "ipykernel", "pydantic", "pyyaml", "matplotlib",
                         "pandas", "huggingface_hub", "aiohttp", "llmcompressor", "compressed-tensors", "transformers",
                         "tokenizers", "safetensors"]
+DATA = ("hosts/*.txt",)  # package lists of known offline hosts (m3lab.fingerprint)
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_24_x86_64"]
 # Never carried: platform shims that pip markers would skip on Linux anyway, and torch (the host's own build).

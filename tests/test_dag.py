@@ -5,6 +5,7 @@ embedded DAG test (test_embedded_dag.py) executes the plan for real with papermi
 """
 
 import json
+import shutil
 
 import pytest
 
@@ -17,14 +18,20 @@ def params():
     return load_params("cpu-tiny")
 
 
-def fake_run(root, params, run_id, statuses=None):
-    """An earlier run in which every stage finished ok with the current fingerprints (unless overridden)."""
+def fake_run(root, params, run_id, statuses=None, results=None):
+    """An earlier run in which every stage finished ok with the current fingerprints (unless overridden), each
+    recording its upstream stages' outcomes as the runner does."""
     fps = fingerprints(params.model_dump(mode="json"))
-    for name in STAGES:
+    statuses = statuses or {}
+    for name, st in STAGES.items():
         d = root / params.profile / run_id / name
         d.mkdir(parents=True)
-        status = (statuses or {}).get(name, "ok")
-        (d / "status.json").write_text(json.dumps({"fingerprint": fps[name], "status": status}))
+        status = statuses.get(name, "ok")
+        upstream = {dep: "ok" if statuses.get(dep, "ok") in ("ok", "reused") else statuses[dep] for dep in st.deps}
+        (d / "status.json").write_text(json.dumps({"fingerprint": fps[name], "status": status,
+                                                   "upstream": upstream}))
+        if results and name in results:
+            (d / "result.json").write_text(json.dumps(results[name]))
     return fps
 
 
@@ -101,6 +108,49 @@ def test_unknown_stage_names_the_flag(params, tmp_path):
         plan_run(params, only="benchmarks", root=tmp_path)
 
 
+def test_a_plot_made_after_a_failed_needle_is_not_reused_once_the_needle_runs(params, tmp_path):
+    fake_run(tmp_path, params, "20260101-000000-aaaa", {"needle": "failed"})
+    a = actions(plan_run(params, root=tmp_path))
+    assert a["needle"] == "run" and a["plot"] == "run"
+    assert a["correctness"] == a["benchmark"] == "reuse"
+
+
+def test_an_older_run_with_ok_upstream_is_reused_over_a_newer_one_without(params, tmp_path):
+    fake_run(tmp_path, params, "20260101-000000-aaaa")
+    fake_run(tmp_path, params, "20260102-000000-bbbb", {"needle": "failed"})
+    plans = {p.name: p for p in plan_run(params, root=tmp_path)}
+    assert plans["plot"].action == "reuse" and plans["plot"].reuse_from.parent.name == "20260101-000000-aaaa"
+
+
+def test_a_run_that_did_not_record_upstream_outcomes_is_not_reused(params, tmp_path):
+    fake_run(tmp_path, params, "20260101-000000-aaaa")
+    status = tmp_path / params.profile / "20260101-000000-aaaa" / "plot" / "status.json"
+    s = json.loads(status.read_text())
+    del s["upstream"]
+    status.write_text(json.dumps(s))
+    plans = {p.name: p for p in plan_run(params, root=tmp_path)}
+    assert plans["plot"].action == "run" and "did not record its upstream outcomes" in plans["plot"].reason
+
+
+def test_a_stage_whose_cached_artifact_was_deleted_or_changed_runs_again(params, tmp_path):
+    art = tmp_path / "cache" / "model"
+    art.mkdir(parents=True)
+    (art / "w.safetensors").write_bytes(b"weights")
+    from m3lab.digest import artifact
+
+    fake_run(tmp_path, params, "20260101-000000-aaaa", results={"quantize": {"artifacts": {"model": artifact(art)}}})
+    assert actions(plan_run(params, root=tmp_path))["quantize"] == "reuse"
+    (art / "w.safetensors").write_bytes(b"weightz")  # one byte flipped
+    plans = {p.name: p for p in plan_run(params, root=tmp_path)}
+    assert plans["quantize"].action == "run" and "changed" in plans["quantize"].reason
+    # Re-made from the same inputs and code, it lands in the same content-addressed folder with the same content,
+    # so what downstream stages measured on it still holds.
+    assert plans["correctness"].action == "reuse"
+    shutil.rmtree(art)  # deleted behind m3lab's back
+    plans = {p.name: p for p in plan_run(params, root=tmp_path)}
+    assert plans["quantize"].action == "run" and "missing" in plans["quantize"].reason
+
+
 def test_fingerprint_changes_with_notebook_code_but_not_markdown(params, tmp_path, monkeypatch):
     import m3lab.dag as dag
 
@@ -121,3 +171,83 @@ def test_fingerprint_changes_with_notebook_code_but_not_markdown(params, tmp_pat
     after = fingerprints(resolved)
     assert after["needle"] != before["needle"] and after["plot"] != before["plot"]
     assert after["benchmark"] == before["benchmark"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fingerprints from the import closure: edit a copy of the package, never the package itself.
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    import m3lab.dag as dag
+    from m3lab import fingerprint
+
+    pkg = tmp_path / "m3lab"
+    shutil.copytree(fingerprint.PACKAGE_DIR, pkg, copy_function=shutil.copy,
+                    ignore=shutil.ignore_patterns("__pycache__", "model.safetensors"))
+    shutil.copy(fingerprint.PACKAGE_DIR / "assets" / "tiny-m3" / "model.safetensors",
+                pkg / "assets" / "tiny-m3" / "model.safetensors")
+    nbs = tmp_path / "notebooks"
+    shutil.copytree(dag.NOTEBOOKS, nbs)
+    monkeypatch.setattr(fingerprint, "PACKAGE_DIR", pkg)
+    monkeypatch.setattr(dag, "NOTEBOOKS", nbs)
+    return pkg
+
+
+def _downstream(stage: str) -> set[str]:
+    out = {stage}
+    for name, st in STAGES.items():
+        if any(d in out for d in st.deps):
+            out.add(name)
+    return out
+
+
+def test_editing_any_file_in_a_stages_import_closure_reruns_it_and_downstream(params, package_copy):
+    import m3lab.dag as dag
+    from m3lab import fingerprint
+
+    resolved = params.model_dump(mode="json")
+    users: dict = {}  # file → the stages whose closure holds it
+    for name, st in STAGES.items():
+        mods = dag.stage_modules(st, resolved)
+        for f in [fingerprint.module_path(m) for m in mods] + fingerprint.data_files(mods):
+            users.setdefault(f, set()).add(name)
+    before = fingerprints(resolved)
+    for f, stages in sorted(users.items()):
+        original = f.read_bytes()
+        f.write_bytes(original + b"\n# edited\n")
+        after = fingerprints(resolved)
+        f.write_bytes(original)
+        changed = {n for n in STAGES if after[n] != before[n]}
+        for name in stages:
+            assert _downstream(name) <= changed, f"editing {f.relative_to(package_copy)} left {name} unchanged"
+    assert len(users) > 20  # the closure is the real one, not a hand-kept list
+
+
+def test_editing_a_file_outside_a_stages_closure_leaves_it_reusable(params, package_copy, tmp_path):
+    import m3lab.dag as dag
+    from m3lab import fingerprint
+
+    resolved = params.model_dump(mode="json")
+    closures = {n: set(dag.stage_modules(st, resolved)) for n, st in STAGES.items()}
+    # train.py is in no stage's closure; memplan only in plan's; ppl only where an eval names that runner.
+    for module in ("m3lab.train", "m3lab.memplan", "m3lab.evals.ppl", "m3lab.engines.vllm"):
+        f = fingerprint.module_path(module)
+        before = fingerprints(resolved)
+        f.write_bytes(f.read_bytes() + b"\n# edited\n")
+        after = fingerprints(resolved)
+        for n in STAGES:
+            if module not in closures[n]:
+                assert after[n] == before[n], f"editing {module} changed {n}, which never imports it"
+    fake_run(tmp_path / "runs", params, "20260101-000000-aaaa")
+    assert set(actions(plan_run(params, root=tmp_path / "runs")).values()) == {"reuse"}
+
+
+def test_the_engine_a_profile_picks_is_in_serves_closure(params):
+    import m3lab.dag as dag
+
+    resolved = params.model_dump(mode="json")
+    mods = dag.stage_modules(STAGES["serve"], resolved)
+    assert "m3lab.engines.transformers" in mods and "m3lab.engines.vllm" not in mods
+    resolved["serve"]["engine"] = "vllm"
+    assert "m3lab.engines.vllm" in dag.stage_modules(STAGES["serve"], resolved)

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import CPU_SERVE
 from m3lab import serve
-from m3lab.evals import TASKS_DIR, EvalError, build_command, check_eval, local_tasks, run_eval
+from m3lab.evals.harness import TASKS_DIR, EvalError, build_command, check_eval, local_tasks, run_eval
 from m3lab.procs import ServerDied
 
 # Card 001 (amd/MiniMax-M3-MXFP4), "Evaluating model in a new terminal", exactly as printed there.
@@ -133,7 +133,7 @@ def test_lighteval_command_fills_its_two_positionals_and_the_seed(tmp_path):
 
 
 def test_unknown_runner_and_reserved_flags_are_named():
-    with pytest.raises(EvalError, match=r"evals\[ifeval\]\.runner: unknown runner 'helm'"):
+    with pytest.raises(EvalError, match=r"evals\[ifeval\]\.runner: 'helm' is not a command-line harness"):
         check_eval({**CARD_001_EVAL, "id": "ifeval", "runner": "helm"})
     with pytest.raises(EvalError, match=r"--seed.*set by m3lab"):
         check_eval({**CARD_001_EVAL, "args": {**CARD_001_EVAL["args"], "--seed": 1}})

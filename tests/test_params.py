@@ -77,8 +77,8 @@ def test_unknown_recipe_and_engine_list_the_choices(tmp_path):
         load_params(write(tmp_path, "p.yaml", {**MINIMAL, "quantize": {"recipe": "int3"},
                                                "serve": {"engine": "tgi"}}))
     msg = str(e.value)
-    assert "quantize.recipe:" in msg and "'fp8_dynamic'" in msg and "'int3'" in msg
-    assert "serve.engine:" in msg and "'vllm'" in msg
+    assert "p.yaml: quantize.recipe: unknown recipe 'int3'; registered: none, fp8_dynamic," in msg
+    assert "p.yaml: serve.engine: unknown engine 'tgi'; registered: transformers, vllm, mlx" in msg
 
 
 def test_engine_flags_must_be_written_as_on_the_command_line(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from m3lab.ppl import (PPLConfig, PPLNotSupported, PPLResponseError, Window, corpus_perplexity,
+from m3lab.evals.ppl import (PPLConfig, PPLNotSupported, PPLResponseError, Window, corpus_perplexity,
                        detokenize_wikitext, perplexity, plan_windows, read_wikitext, server_perplexity,
                        token_logprobs, tokenize)
 

@@ -20,6 +20,9 @@ if [ -d .gpu/wheels-quant ]; then
   export M3LAB_QUANTIZE_PYTHONPATH=/tmp/m3lab-quant
 fi
 export M3LAB_RESULTS=/tmp/m3lab-results PYTHONUNBUFFERED=1
+# The copy sent here has no .git: provenance.json takes the commit from here (write it before sending:
+# `echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)" > .gpu/commit`).
+export M3LAB_GIT_COMMIT=${M3LAB_GIT_COMMIT:-$(cat .gpu/commit 2>/dev/null)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 rc=0
 for profile in "$@"; do

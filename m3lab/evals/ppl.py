@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from m3lab import needle
 from m3lab.client import RequestFailed
 from m3lab.serve import ensure_alive
 
@@ -297,3 +298,35 @@ def corpus_perplexity(server: dict[str, Any], corpus_path: str | Path, tokenizer
     ids = tokenize(read_wikitext(corpus_path, detokenize=cfg.detokenize), tokenizer)
     return server_perplexity(server, ids, cfg.window_tokens, cfg.stride, cfg.max_windows, cfg.concurrency,
                              cfg.timeout_s)
+
+
+def run(ev: dict[str, Any], server: dict[str, Any], out_dir: Path | None = None) -> dict[str, Any]:
+    """Token-level perplexity through vLLM's prompt_logprobs (card 002's method), as an eval record.
+
+    args: --data (a text file; `m3lab:filler` = 400 sentences of m3lab's own needle filler, the text the tiny
+    model was trained on), --window-tokens, --max-windows, --detokenize (wikitext's tokenized v1 spacing)."""
+    from transformers import AutoTokenizer
+
+    args = ev["args"]
+    data = str(args.get("--data", ""))
+    if data == "m3lab:filler":
+        corpus = needle.filler_text(400, seed=ev["seeds"][0] if ev["seeds"] else 0)
+    elif Path(data).is_file():
+        corpus = read_wikitext(data, detokenize=bool(args.get("--detokenize")))
+    else:
+        return {"id": ev["id"], "status": "not run", "reason": f"--data {data!r}: no such file"}
+    tok = AutoTokenizer.from_pretrained(server["model_dir"])
+    try:
+        r = server_perplexity(server, tokenize(corpus, tok), int(args.get("--window-tokens", 2048)),
+                                  max_windows=args.get("--max-windows"))
+    except PPLNotSupported as e:
+        return {"id": ev["id"], "status": "not run", "reason": str(e)}
+    except RequestFailed as e:  # the server is alive but refused (e.g. vLLM could not serialize a NaN logprob)
+        return {"id": ev["id"], "status": "failed", "reason": str(e)}
+    return {"id": ev["id"], "status": "ok", "runner": ev["runner"], "score": r.ppl, **asdict(r)}
+
+
+def plan_lines(ev: dict[str, Any], server: dict[str, Any]) -> list[str]:
+    a = ev.get("args") or {}
+    return [f"perplexity of {a.get('--data')} through /v1/completions prompt_logprobs, windows of "
+            f"{a.get('--window-tokens', 2048)} tokens (max {a.get('--max-windows')})"]

@@ -1,4 +1,4 @@
-"""Accuracy evals: the real lm-eval harness, run the way a card's users ran it, against the serve stage's server.
+"""Accuracy evals through a harness's CLI (lm-eval; lighteval's command): the real lm-eval harness, run the way a card's users ran it, against the serve stage's server.
 
 An eval in params (one entry of `evals:`):
 
@@ -47,11 +47,12 @@ from m3lab import procs
 from m3lab.serve import ensure_alive
 from m3lab.stage import StageError, write_json
 
-__all__ = ["RUNNERS", "TASKS_DIR", "OFFLINE_ENV", "EvalError", "SeedRun", "EvalResult", "local_tasks", "check_eval",
+__all__ = ["TASKS_DIR", "OFFLINE_ENV", "EvalError", "SeedRun", "EvalResult", "local_tasks", "check_eval",
            "task_names", "build_command", "display_command", "parse_results", "run_eval"]
 
-RUNNERS = ("lm_eval", "lighteval")
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+# The lm-eval tasks m3lab ships, and the items its tiny_arith task reads (m3lab.fingerprint).
+DATA = ("tasks/*", "assets/tiny-m3/arith_eval.jsonl")
 RESERVED = ("--seed", "--output_path")  # m3lab owns these: seeds come from `seeds`, output from the run folder
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 # Nothing may be fetched at eval time: a Hub task whose dataset is not cached fails fast instead of hanging.
@@ -110,8 +111,8 @@ def check_eval(ev: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(ev.get("id"), str) or not ev["id"]:
         raise EvalError(f"{where}.id: a non-empty string is required")
     runner = ev.get("runner", "lm_eval")
-    if runner not in RUNNERS:
-        raise EvalError(f"{where}.runner: unknown runner {runner!r}; runners: {', '.join(RUNNERS)}")
+    if runner not in ("lm_eval", "lighteval"):
+        raise EvalError(f"{where}.runner: {runner!r} is not a command-line harness (lm_eval, lighteval)")
     args = ev.get("args")
     if not isinstance(args, dict) or not args:
         raise EvalError(f"{where}.args: a mapping of lm_eval flags is required (e.g. {{'--tasks': 'gsm8k'}})")

@@ -1,0 +1,31 @@
+"""`transformers serve` (CPU): the embedded default's engine.
+
+It loads the text-only model (the VL processor would need torchvision), answers with the folder it loaded as
+the model name, ignores logprobs, and rejects fields outside the OpenAI schema (`ignore_eos`) with HTTP 422.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from m3lab.engines import flags
+
+PACKAGE = "transformers"
+MODULE = "transformers.cli.transformers"
+
+
+def command(model_dir: str, serve: dict[str, Any], port: int) -> list[str]:
+    return ["transformers", "serve", model_dir, "--host", serve["host"], "--port", str(port)] + flags(
+        serve.get("args") or {})
+
+
+def checkpoint_flavor(text_only: bool) -> str | None:
+    return "transformers"  # always text-only
+
+
+def request_model(serve: dict[str, Any], model_dir: str) -> str:
+    return model_dir
+
+
+def startup_facts(log_text: str) -> dict[str, Any] | None:
+    return None

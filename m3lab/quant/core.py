@@ -1,0 +1,707 @@
+"""Quantization: turn the downloaded checkpoint into the one we serve, and say honestly what it is.
+
+The recipes are modules of `m3lab.quant` registered in `m3lab.registry.RECIPES`, each with
+`quantize(src, tmp, recipe) -> (seconds, dropped_keys, notes)` writing into a temp folder, and
+`plan_lines(section) -> list[str]` for `m3lab plan`:
+
+    none         →  pass-through: <out_dir> is a folder of symlinks to the download (no copy of GBs)
+    fp8_dynamic  →  llm-compressor `oneshot` + QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC"),
+                    saved as compressed-tensors, then renamed back to the upstream hub layout
+    mxfp4, autoround, mlx_q4  →  planned: their modules print the card's command and refuse to run
+
+This module holds what every recipe shares: the entry point `quantize` (temp folder, checks, atomic rename),
+the hub-layout rewrite after transformers' save, and the quant report with its shared-expert check.
+
+The story of an fp8_dynamic run (everything happens in a hidden temp folder next to <out_dir>, renamed into place
+only at the very end, so a crash never leaves a half-written checkpoint that looks complete):
+  1. load the download with transformers (native module names: `model.language_model.layers.N.mlp...`),
+  2. `oneshot`: llm-compressor 0.14 first *linearizes* M3's routed experts (`MiniMaxM3VLExperts` keeps them as
+     3D nn.Parameters; its generic `linearize_moe` turns every expert into gate/up/down nn.Linear, because the
+     class carries transformers' `@use_experts_implementation`), so the routed experts ARE quantized to FP8,
+  3. `save_pretrained` writes transformers' reverse mapping of the native names, which is not the hub layout:
+     every `.mlp.` becomes `.block_sparse_moe.` (dense layers and the vision tower too) and the linearized
+     experts come out as `experts.E.{gate,up,down}_proj`. We rename the keys back (`w1/w3/w2`, `mlp` on dense
+     and vision), keeping `weight_scale` with its weight, and restore the download's own config.json plus
+     `quantization_config` whose `ignore` is the recipe's patterns (written to match both spellings),
+  4. verify: every key of the download is in the output (plus only quantization tensors), the ignore list agrees
+     with what is stored, and the output reloads in transformers on CPU and generates,
+  5. write `quant_report.json` (see `QuantReport`) and rename the folder into place.
+
+CPU facts (transformers 5.17, compressed-tensors 0.19), measured on the tiny model:
+  * `from_pretrained` on the FP8 output works on CPU. By default (`dequantize=False`) Linear weights stay FP8
+    until the first forward, where compressed-tensors decompresses them to bf16; `CompressedTensorsConfig(
+    dequantize=True)` (the old `run_compressed=False`) decompresses at load. Both give identical logits. Linear
+    inputs are still fake-quantized to FP8 per token (QDQ), so attention/shared-expert matmuls emulate W8A8.
+  * Routed experts are dequantized to bf16 *at load* (transformers' `DecompressExperts` runs before merging
+    w1/w3 into the 3D `gate_up_proj`), and run in bf16 with unquantized inputs: not what vLLM computes.
+  * llm-compressor's linearized experts cannot run a forward on M3 (`LinearExperts2D` has no `swiglu_alpha`
+    for M3's `_apply_gate`): data-free FP8_DYNAMIC is fine; calibration recipes (GPTQ/AWQ...) would crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from m3lab.registry import RECIPES
+
+__all__ = [
+    "DEFAULT_IGNORE",
+    "REPORT_NAME",
+    "QuantizeError",
+    "QuantRecipe",
+    "SharedExpertCheck",
+    "QuantReport",
+    "QuantResult",
+    "quantize",
+    "quant_report",
+    "check_shared_experts",
+    "load_for_check",
+    "saved_to_hub_key",
+]
+
+REPORT_NAME = "quant_report.json"
+
+# The FP8 card's exclusions. Each pattern must match two spellings of the same module: transformers' native
+# names (what llm-compressor matches while quantizing, and what transformers matches when it reloads) and the
+# hub names (what is stored, and what vLLM matches). Exact names only match exactly in compressed-tensors, so
+# everything is a `re:` pattern (anchored at the start by `re.match`).
+DEFAULT_IGNORE = [
+    r"re:.*lm_head$",  # native `lm_head`, hub `language_model.lm_head`
+    r"re:.*vision_tower.*",  # vision tower (both spellings contain `vision_tower`)
+    r"re:.*multi_modal_projector.*",  # projector; native also holds the patch merge MLP (`merge_linear_*`)
+    r"re:.*patch_merge_mlp.*",  # hub spelling of the patch merge MLP
+    r"re:.*(block_sparse_moe|mlp)\.gate$",  # router gates: hub `block_sparse_moe.gate`, native `mlp.gate`
+    r"re:.*self_attn\.index(_|er\.).*",  # indexer: hub `self_attn.index_q_proj`, native `self_attn.indexer.q_proj`
+]
+
+# Tensors that travel with a quantized weight `X.weight` (compressed-tensors names); `X.weight_packed` replaces
+# `X.weight` in packed formats (int4, mxfp4), with the logical shape in `X.weight_shape`.
+_QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_global_scale", "weight_g_idx", "weight_shape",
+                   "weight_packed")
+_QUANT_RE = re.compile(r"^(.*)\.(" + "|".join(_QUANT_SUFFIXES) + r")$")
+
+# safetensors dtype → bits per element
+_DTYPE_BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
+               "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
+_DTYPE_NAME = {"F64": "fp64", "F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "fp8_e4m3",
+               "F8_E5M2": "fp8_e5m2"}
+
+# Non-Linear modules with a 2D+ weight: never an FP8 target, so absent from `ignore` on purpose.
+_NOT_LINEAR_RE = re.compile(r"(^|\.)(embed_tokens|patch_embedding)$")
+NOTE_EXAMPLES = 5  # how many keys a note quotes
+
+
+class QuantizeError(RuntimeError):
+    """Quantization produced something unusable; the message names the file, key or module."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recipe and results
+
+
+@dataclass
+class QuantRecipe:
+    """What to do. `ignore=None` means the recipe's defaults (`DEFAULT_IGNORE` for fp8_dynamic)."""
+
+    recipe: str = "none"
+    ignore: list[str] | None = None  # compressed-tensors targets to leave in bf16 ("re:" prefix = regex)
+    out_dir: str | None = None  # where the output goes; None: "<src_dir>.<recipe>" next to the download
+    verify: bool = True  # reload on CPU + generate + shared-expert reload check; False if it cannot fit in RAM
+    max_shard_size: str = "5GB"  # bounds memory when shards are rewritten with hub names
+
+    def __post_init__(self) -> None:
+        entry = RECIPES.get(self.recipe)  # an unknown name lists the registered ones
+        if not entry.meta["implemented"]:
+            runnable = ", ".join(e.name for e in RECIPES if e.meta["implemented"])
+            raise ValueError(f"quantize.recipe: {self.recipe!r} ({entry.summary}) is planned, not implemented yet; "
+                             f"runnable: {runnable}")
+        if self.ignore is None:
+            self.ignore = list(DEFAULT_IGNORE) if self.recipe != "none" else []
+        bad = [p for p in self.ignore if not isinstance(p, str) or not p]
+        if bad:
+            raise ValueError(f"QuantRecipe.ignore: every entry must be a non-empty string, got {bad!r}")
+
+    @property
+    def scheme(self) -> str | None:
+        return getattr(RECIPES.load(self.recipe), "SCHEME", None)
+
+
+@dataclass
+class SharedExpertCheck:
+    """Every MoE layer's shared expert is in the checkpoint, nonzero, and (when reloaded) loaded as stored.
+
+    The AutoRound card's silent failure: the shared experts loaded as zeros and nothing complained."""
+
+    passed: bool
+    moe_layers: list[int]
+    reloaded: bool  # whether the transformers-reload half ran (False: checkpoint half only)
+    failing_layers: list[int]
+    failures: list[str]  # one line per problem, each naming the layer and the tensor
+
+
+@dataclass
+class QuantReport:
+    """What is on disk. Definitions:
+
+    * weight tensor: a stored tensor named `X.weight` (or `X.weight_packed`) with 2 or more dimensions, i.e.
+      the matrices of Linear / Embedding / conv modules, including the routed experts and lm_head. Norm weights
+      (1-D), biases and buffers (e.g. `e_score_correction_bias`) are not weight tensors.
+    * weight_params: the number of logical parameters of all weight tensors (the shape before any packing).
+    * weight_bits: the bits those tensors take on disk, *plus* their quantization tensors (`X.weight_scale`,
+      `X.weight_zero_point`, `X.weight_global_scale`, `X.weight_g_idx`, `X.weight_shape`).
+    * bits_per_weight = weight_bits / weight_params. A bf16 checkpoint gives exactly 16.0; FP8 with one bf16
+      scale per output channel gives 8 + 16/in_features on a quantized matrix, so > 8 overall.
+    * size_bytes: the sum of the sizes of every file of the checkpoint folder (symlinks followed), except this
+      report itself.
+    * formats: per module (one per weight tensor) the stored format, e.g. {"fp8_e4m3 (dynamic act)": n, "bf16": m}.
+    """
+
+    recipe: str
+    scheme: str | None
+    model_dir: str
+    size_bytes: int
+    safetensors_bytes: int
+    files: int
+    weight_params: int
+    weight_bits: int
+    bits_per_weight: float
+    formats: dict[str, int]
+    routed_expert_formats: dict[str, int]  # the `experts.E.w1/w2/w3` projections only
+    ignore: list[str]  # the patterns (as written in quantization_config.ignore)
+    excluded_modules: list[str]  # hub names of the weight-tensor modules those patterns match
+    shared_expert_check: SharedExpertCheck
+    reload: dict[str, Any] | None  # transformers reload + generate, None when not verified
+    dropped_keys: list[str]  # keys of the download that transformers does not load (e.g. mtp.*), not in output
+    notes: list[str]
+    seconds: dict[str, float]
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class QuantResult:
+    recipe: str
+    src_dir: str
+    model_dir: str  # what serve / correctness load
+    report_path: str
+    report: QuantReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def quantize(src_dir: str | Path, out_dir: str | Path | None, recipe: QuantRecipe | str) -> QuantResult:
+    """Quantize `src_dir` (a hub-layout checkpoint) into `out_dir` per `recipe`; replaces an existing `out_dir`.
+
+    `out_dir=None` takes `recipe.out_dir`, else `<src_dir>.<recipe>`. Raises `QuantizeError` (and leaves no
+    `out_dir`) when the output fails its checks."""
+    if isinstance(recipe, str):
+        recipe = QuantRecipe(recipe=recipe)
+    src = Path(src_dir).resolve()
+    if not (src / "config.json").is_file():
+        raise QuantizeError(f"quantize: {src / 'config.json'} not found: {src} is not a checkpoint folder")
+    out = Path(out_dir or recipe.out_dir or f"{src}.{recipe.recipe}").absolute()
+    if out.resolve() == src or src in out.resolve().parents:
+        raise QuantizeError(f"quantize: out_dir {out} must not be (inside) the source {src}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    try:
+        seconds, dropped, notes = RECIPES.load(recipe.recipe).quantize(src, tmp, recipe)
+        report = quant_report(tmp, recipe, verify=recipe.verify, seconds=seconds, dropped=dropped, notes=notes)
+        if not report.shared_expert_check.passed:
+            failures = "; ".join(report.shared_expert_check.failures)
+            raise QuantizeError(f"quantize: shared-expert check failed on {src}: {failures}")
+        report.model_dir = str(out)
+        report.seconds["total"] = round(time.perf_counter() - t0, 3)
+        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return QuantResult(recipe=recipe.recipe, src_dir=str(src), model_dir=str(out),
+                       report_path=str(out / REPORT_NAME), report=report)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` is moved aside first and deleted after (rename is atomic)."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+def model_class(model_dir: Path) -> type:
+    """The class named in config.json `architectures` (M3 VL: MiniMaxM3SparseForConditionalGeneration)."""
+    import transformers
+
+    cfg = _read_config(model_dir)
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    raise QuantizeError(f"{model_dir / 'config.json'}: architectures={archs!r} names no transformers class")
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+
+
+def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg.get("text_config") or cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hub layout
+
+
+_EXPERT_RE = re.compile(r"\.experts\.(\d+)\.(gate|up|down)_proj\.")
+_EXPERT_HUB = {"gate": "w1", "up": "w3", "down": "w2"}
+_LAYER_MOE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.block_sparse_moe\.")
+
+
+def saved_to_hub_key(key: str, mlp_layer_types: list[str]) -> str:
+    """The hub name of a key that transformers' `save_pretrained` wrote for M3 (after llm-compressor).
+
+    Two differences to undo: linearized experts `experts.E.{gate,up,down}_proj` are `experts.E.{w1,w3,w2}`
+    upstream, and `block_sparse_moe` only names the MoE layers' MLP upstream (dense layers and the vision
+    tower keep `mlp`). Quantization tensors (`.weight_scale` ...) follow their weight by construction."""
+    key = _EXPERT_RE.sub(lambda m: f".experts.{m[1]}.{_EXPERT_HUB[m[2]]}.", key)
+    if "vision_tower" in key:
+        return key.replace(".block_sparse_moe.", ".mlp.")
+    m = _LAYER_MOE_RE.search(key)
+    if m and int(m[1]) < len(mlp_layer_types) and mlp_layer_types[int(m[1])] != "sparse":
+        return key.replace(".block_sparse_moe.", ".mlp.")
+    return key
+
+
+def _shards(model_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(model_dir).glob("*.safetensors"))
+
+
+def rewrite_hub_layout(model_dir: Path, src: Path) -> list[str]:
+    """Rewrite every shard (and the index) with hub names, one shard in memory at a time.
+
+    Tensors that were not quantized must be the download's, bit for bit: we check it, and put back the
+    download's dtype where transformers cast it (the hub stores `e_score_correction_bias` in float32; the
+    bf16 model saves it in bf16). Returns the keys whose dtype was restored."""
+    types = _text_config(_read_config(src)).get("mlp_layer_types") or []
+    src_meta = _tensor_meta(src)
+    saved = {saved_to_hub_key(k, types) for k in _tensor_meta(model_dir)}
+    companions = {k for k in saved if _QUANT_RE.match(k)}
+    quantized = companions | {_QUANT_RE.match(k)[1] + ".weight" for k in companions}  # left as llm-compressor wrote
+    renamed: dict[str, str] = {}
+    restored: list[str] = []
+    handles: dict[Path, Any] = {}
+    try:
+        for shard in _shards(model_dir):
+            with safe_open(shard, "pt") as f:
+                meta = f.metadata() or {"format": "pt"}
+                tensors = {}
+                for k in f.keys():
+                    new = saved_to_hub_key(k, types)
+                    if new in tensors:
+                        raise QuantizeError(f"{shard}: keys {renamed.get(new, new)!r} and {k!r} both map to {new!r}")
+                    t = f.get_tensor(k)
+                    if new not in quantized and new in src_meta:
+                        path = src_meta[new][0]
+                        if path not in handles:
+                            handles[path] = safe_open(path, "pt").__enter__()
+                        orig = handles[path].get_tensor(new)
+                        if orig.shape != t.shape or not torch.equal(orig.to(t.dtype), t):
+                            raise QuantizeError(f"{shard}: unquantized tensor {k!r} differs from {new!r} in {path}")
+                        if orig.dtype != t.dtype:
+                            t = orig
+                            restored.append(new)
+                    tensors[new] = t
+                    renamed[k] = new
+            part = shard.with_name(f".{shard.name}.tmp")
+            save_file(tensors, part, metadata=meta)
+            del tensors
+            os.replace(part, shard)
+            os.chmod(shard, 0o644)  # the saved shards come out 0600; a server running as another user must read them
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        idx = json.loads(index.read_text(encoding="utf-8"))
+        idx["weight_map"] = {renamed.get(k, k): v for k, v in idx["weight_map"].items()}
+        out_meta = _tensor_meta(model_dir)
+        idx.setdefault("metadata", {})["total_size"] = sum(_bits(out_meta, k) // 8 for k in out_meta)
+        index.write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
+    return sorted(restored)
+
+
+def write_config(model_dir: Path, src: Path, ignore: list[str]) -> None:
+    """config.json = the download's own config (the fields vLLM reads, untouched) + quantization_config.
+
+    llm-compressor writes `ignore` as a list of module names, half native, half reverse-mapped (e.g.
+    `model.multi_modal_projector.linear_1`, `...self_attn.indexer.q_proj`): matched by neither loader, so
+    transformers quantizes those bf16 modules on reload (their `weight_scale` comes out MISSING). The recipe's
+    patterns match both spellings instead."""
+    saved = _read_config(model_dir)
+    qcfg = saved.get("quantization_config")
+    if not qcfg:
+        raise QuantizeError(f"{model_dir / 'config.json'}: llm-compressor wrote no quantization_config")
+    qcfg["ignore"] = list(ignore)
+    cfg = _read_config(src)
+    cfg["quantization_config"] = qcfg
+    (model_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, chat template, processor and generation configs: everything but the weights and config.json.
+    The download's own generation_config wins over the one save_pretrained regenerated."""
+    for entry in src.iterdir():
+        if entry.is_dir() or entry.suffix == ".safetensors" or entry.name in (
+                "config.json", "model.safetensors.index.json", REPORT_NAME) or entry.name.startswith("."):
+            continue
+        shutil.copy2(entry, dst / entry.name)
+
+
+def _tensor_meta(model_dir: Path) -> dict[str, tuple[Path, str, list[int]]]:
+    """key → (shard, safetensors dtype, shape), from the headers only."""
+    meta: dict[str, tuple[Path, str, list[int]]] = {}
+    for shard in _shards(model_dir):
+        with safe_open(shard, "pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                meta[k] = (shard, sl.get_dtype(), list(sl.get_shape()))
+    if not meta:
+        raise QuantizeError(f"{model_dir}: no *.safetensors files")
+    return meta
+
+
+def check_layout(out: Path, src: Path) -> list[str]:
+    """Output keys = the download's keys + quantization tensors. Returns the download keys that are missing
+    because transformers does not load them (e.g. `mtp.*`); any other difference is an error."""
+    out_meta, src_meta = _tensor_meta(out), _tensor_meta(src)
+    quant = {k for k in out_meta if _QUANT_RE.match(k)}
+    packed = {_QUANT_RE.match(k)[1] + ".weight" for k in quant if k.endswith(".weight_packed")}
+    missing = sorted(set(src_meta) - set(out_meta) - packed)
+    extra = sorted(set(out_meta) - set(src_meta) - quant)
+    orphans = sorted(k for k in quant if _QUANT_RE.match(k)[1] + ".weight" not in out_meta
+                     and _QUANT_RE.match(k)[1] + ".weight_packed" not in out_meta)
+    skip = [re.compile(p) for p in getattr(model_class(src), "_keys_to_ignore_on_load_unexpected", None) or []]
+    dropped = [k for k in missing if any(p.search(k) for p in skip)]
+    missing = [k for k in missing if k not in dropped]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} keys of {src} are missing from the output, e.g. {missing[:5]}")
+    if extra:
+        problems.append(f"{len(extra)} output keys are not in {src} (not hub layout), e.g. {extra[:5]}")
+    if orphans:
+        problems.append(f"quantization tensors without their weight: {orphans[:5]}")
+    shape_diff = [k for k in set(src_meta) & set(out_meta) if src_meta[k][2] != out_meta[k][2]]
+    if shape_diff:
+        k = sorted(shape_diff)[0]
+        problems.append(f"{len(shape_diff)} keys changed shape, e.g. {k}: {src_meta[k][2]} → {out_meta[k][2]}")
+    if problems:
+        raise QuantizeError(f"quantize: output {out} is not in the hub layout: " + "; ".join(problems))
+    return dropped
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """compressed-tensors semantics: `re:` → re.match (anchored at the start), else the exact name."""
+    return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in patterns)
+
+
+def _weight_modules(meta: dict[str, tuple[Path, str, list[int]]]) -> dict[str, str]:
+    """module name → the key of its weight tensor (see QuantReport: 2D+ `.weight` or `.weight_packed`)."""
+    mods: dict[str, str] = {}
+    for k, (_, _, shape) in meta.items():
+        if k.endswith(".weight") and len(shape) >= 2:
+            mods[k[: -len(".weight")]] = k
+        elif k.endswith(".weight_packed"):
+            mods[k[: -len(".weight_packed")]] = k
+    return mods
+
+
+def check_ignore_consistency(model_dir: Path, ignore: list[str]) -> None:
+    """What `ignore` says = what is stored: a matched module is not quantized, and an unquantized module that a
+    loader would treat as a Linear target is matched (else vLLM expects a `weight_scale` that is not there)."""
+    meta = _tensor_meta(model_dir)
+    problems = []
+    for mod in sorted(_weight_modules(meta)):
+        quantized = f"{mod}.weight_scale" in meta or f"{mod}.weight_packed" in meta
+        ignored = _matches(mod, ignore)
+        if quantized and ignored:
+            problems.append(f"{mod} matches ignore but was quantized: llm-compressor matches ignore against "
+                            "transformers' module names, so patterns must match both spellings (see DEFAULT_IGNORE)")
+        elif not quantized and not ignored and not _NOT_LINEAR_RE.search(mod):
+            problems.append(f"{mod} is stored unquantized but matches no ignore pattern")
+    if problems:
+        raise QuantizeError(f"quantize: {model_dir / 'config.json'} quantization_config.ignore disagrees with the "
+                            f"weights ({len(problems)}): " + "; ".join(problems[:5]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def quant_report(model_dir: str | Path, recipe: QuantRecipe, verify: bool = True,
+                 seconds: dict[str, float] | None = None, dropped: list[str] | None = None,
+                 notes: list[str] | None = None) -> QuantReport:
+    """Measure a checkpoint folder (see QuantReport for the definitions); `verify` reloads it in transformers."""
+    model_dir = Path(model_dir)
+    files = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and p.name != REPORT_NAME]
+    size = sum(p.stat().st_size for p in files)  # stat follows symlinks
+    st_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    meta = _tensor_meta(model_dir)
+    cfg = _read_config(model_dir)
+    act = _activation_label(cfg.get("quantization_config"))
+
+    params = bits = 0
+    formats: dict[str, int] = {}
+    expert_formats: dict[str, int] = {}
+    fmt_of: dict[str, str] = {}
+    for mod, wkey in sorted(_weight_modules(meta).items()):
+        _, dtype, shape = meta[wkey]
+        if wkey.endswith(".weight_packed"):
+            shape = _load(meta, f"{mod}.weight_shape").tolist()
+        params += _numel(shape)
+        bits += _bits(meta, wkey)
+        for suffix in _QUANT_SUFFIXES:
+            k = f"{mod}.{suffix}"
+            if k in meta and k != wkey:
+                bits += _bits(meta, k)
+        fmt = _DTYPE_NAME.get(dtype, dtype.lower())
+        if f"{mod}.weight_scale" in meta:
+            fmt = f"{fmt}{act}"
+        formats[fmt] = formats.get(fmt, 0) + 1
+        fmt_of[mod] = fmt
+        if re.search(r"\.experts\.\d+\.w[123]$", mod):
+            expert_formats[fmt] = expert_formats.get(fmt, 0) + 1
+
+    ignore = list(recipe.ignore) if recipe.recipe != "none" else []
+    excluded = sorted(m for m in _weight_modules(meta) if ignore and _matches(m, ignore))
+    notes = list(notes or [])
+    model = None
+    reload_info = None
+    if verify:
+        t = time.perf_counter()
+        model, info = load_for_check(model_dir)
+        bad = {k: v for k, v in info.items() if v}
+        if bad:
+            raise QuantizeError(f"{model_dir}: transformers reload does not match the checkpoint: "
+                                + "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in bad.items()))
+        reload_info = _generate(model, cfg)
+        reload_info["load_generate_s"] = round(time.perf_counter() - t, 3)
+    check = check_shared_experts(model_dir, model=model) if verify else check_shared_experts(model_dir, reload=False)
+    del model
+    groups = (("routed experts (w1/w2/w3)", r"\.experts\.\d+\.w[123]$"),
+              ("shared experts", r"\.shared_experts\.(gate|up|down)_proj$"),
+              ("router gates (MiniMaxM3VLTopKRouter, not an nn.Linear: never an FP8 target)",
+               r"\.block_sparse_moe\.gate$"),
+              ("indexer projections", r"\.self_attn\.index_[qk]_proj$"))
+    for label, rx in groups:
+        mods = [m for m in fmt_of if re.search(rx, m)]
+        if mods:
+            counts = {f: sum(fmt_of[m] == f for m in mods) for f in sorted({fmt_of[m] for m in mods})}
+            notes.append(f"{label}: {len(mods)} modules, stored as {counts}, "
+                         f"{sum(m in excluded for m in mods)} matched by ignore")
+    return QuantReport(
+        recipe=recipe.recipe, scheme=recipe.scheme, model_dir=str(model_dir), size_bytes=size,
+        safetensors_bytes=st_bytes, files=len(files), weight_params=params, weight_bits=bits,
+        bits_per_weight=round(bits / params, 4) if params else 0.0, formats=formats,
+        routed_expert_formats=expert_formats, ignore=ignore, excluded_modules=excluded,
+        shared_expert_check=check, reload=reload_info, dropped_keys=list(dropped or []), notes=notes,
+        seconds={k: round(v, 3) for k, v in (seconds or {}).items()}, versions=_versions())
+
+
+def _activation_label(qcfg: dict[str, Any] | None) -> str:
+    """' (dynamic act)' for FP8_DYNAMIC's per-token dynamic input quantization, ' (weight only)' without."""
+    if not qcfg:
+        return ""
+    acts = [g.get("input_activations") for g in (qcfg.get("config_groups") or {}).values()]
+    if any(a and a.get("dynamic") for a in acts):
+        return " (dynamic act)"
+    if any(acts):
+        return " (static act)"
+    return " (weight only)"
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _bits(meta: dict[str, tuple[Path, str, list[int]]], key: str) -> int:
+    shard, dtype, shape = meta[key]
+    if dtype not in _DTYPE_BITS:
+        raise QuantizeError(f"{shard}: {key} has dtype {dtype}, which the report cannot size")
+    return _numel(shape) * _DTYPE_BITS[dtype]
+
+
+def _load(meta: dict[str, tuple[Path, str, list[int]]], key: str) -> torch.Tensor:
+    with safe_open(meta[key][0], "pt") as f:
+        return f.get_tensor(key)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reload checks
+
+
+def load_for_check(model_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load on CPU with weights decompressed at load (`dequantize=True`, same logits as the default lazy path),
+    so loaded values can be compared with the checkpoint. Returns (model, loading info: missing/unexpected/
+    mismatched keys, each empty when the checkpoint matched the model)."""
+    model_dir = Path(model_dir)
+    cfg = _read_config(model_dir)
+    kwargs: dict[str, Any] = {}
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    model, info = model_class(model_dir).from_pretrained(model_dir, dtype="auto", output_loading_info=True, **kwargs)
+    model.eval()
+    keep = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    return model, {k: list(info.get(k) or []) for k in keep}
+
+
+@torch.no_grad()
+def _generate(model: torch.nn.Module, cfg: dict[str, Any], new_tokens: int = 4) -> dict[str, Any]:
+    tc = _text_config(cfg)
+    vocab = int(tc["vocab_size"])
+    bos = tc.get("bos_token_id")
+    # BOS, then ordinary ids past the tiny tokenizer's 11 special tokens
+    prompt = [bos if isinstance(bos, int) and 0 <= bos < vocab else 1] + [i % vocab for i in range(11, 16)]
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    new = out[0, len(prompt):].tolist()
+    if len(new) == 0 or not all(0 <= t < vocab for t in new):
+        raise QuantizeError(f"reloaded model generated {new!r} from {prompt!r}")
+    return {"ok": True, "prompt_ids": prompt, "generated_ids": new}
+
+
+_SHARED_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+@torch.no_grad()
+def check_shared_experts(model_dir: str | Path, model: torch.nn.Module | None = None,
+                         reload: bool = True) -> SharedExpertCheck:
+    """Checkpoint half: every MoE layer has `block_sparse_moe.shared_experts.{gate,up,down}_proj` (weight and,
+    if quantized, its scale) and they are not all zeros. Reload half (`model` given, or loaded here when
+    `reload`): the loaded shared expert is nonzero and equals the checkpoint's (dequantized) values."""
+    model_dir = Path(model_dir)
+    meta = _tensor_meta(model_dir)
+    types = _text_config(_read_config(model_dir)).get("mlp_layer_types") or []
+    moe_layers = [i for i, t in enumerate(types) if t == "sparse"]
+    failures: list[tuple[int | None, str]] = []  # (layer, message); None: not about one layer
+    stored: dict[int, dict[str, torch.Tensor]] = {}
+    for layer in moe_layers:
+        stored[layer] = {}
+        for proj in _SHARED_PROJ:
+            key = _find_key(meta, rf"(^|\.)layers\.{layer}\.block_sparse_moe\.shared_experts\.{proj}\.weight$")
+            if key is None:
+                failures.append((layer, f"layer {layer}: shared_experts.{proj}.weight missing from the checkpoint"))
+                continue
+            w = _dequant(meta, key)
+            if not torch.any(w != 0):
+                failures.append((layer, f"layer {layer}: shared_experts.{proj} is all zeros in {meta[key][0].name} "
+                                        f"({key})"))
+            stored[layer][proj] = w
+
+    reloaded = model is not None or reload
+    if reloaded and model is None:
+        try:
+            model, _ = load_for_check(model_dir)
+        except Exception as e:  # e.g. transformers cannot init a missing FP8 tensor: loud, but say which layers
+            failures.append((None, f"reload in transformers failed: {type(e).__name__}: {e}"))
+    if model is not None:
+        loaded = {int(m[1]): mod for name, mod in model.named_modules()
+                  if "vision" not in name and (m := re.search(r"layers\.(\d+)\.mlp\.shared_experts$", name))}
+        for layer in moe_layers:
+            if layer not in loaded:
+                failures.append((layer, f"layer {layer}: the reloaded model has no mlp.shared_experts"))
+                continue
+            failures += [(layer, f) for f in _compare_loaded(layer, loaded[layer], stored[layer])]
+
+    failing = sorted({layer for layer, _ in failures if layer is not None})
+    return SharedExpertCheck(passed=not failures, moe_layers=moe_layers, reloaded=reloaded,
+                             failing_layers=failing, failures=[f for _, f in failures])
+
+
+def _compare_loaded(layer: int, mod: torch.nn.Module, stored: dict[str, torch.Tensor]) -> list[str]:
+    """transformers fuses gate and up into `gate_up_proj` (gate rows first); compare per fused parameter."""
+    pairs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+    if hasattr(mod, "gate_up_proj"):
+        gu = [stored.get("gate_proj"), stored.get("up_proj")]
+        fused = torch.cat(gu) if all(t is not None for t in gu) else None
+        pairs.append(("gate_up_proj", mod.gate_up_proj.weight, fused))
+    else:
+        pairs += [(p, getattr(mod, p).weight, stored.get(p)) for p in ("gate_proj", "up_proj")]
+    pairs.append(("down_proj", mod.down_proj.weight, stored.get("down_proj")))
+    out = []
+    for name, got, want in pairs:
+        got = got.detach().float()
+        if not torch.any(got != 0):
+            out.append(f"layer {layer}: shared_experts.{name} loaded as zeros")
+        elif want is None:
+            out.append(f"layer {layer}: shared_experts.{name} loaded, but the checkpoint lacks a part of it "
+                       "(so its values are freshly initialized)")
+        elif got.shape != want.shape:
+            out.append(f"layer {layer}: shared_experts.{name} loaded with shape {list(got.shape)}, "
+                       f"checkpoint {list(want.shape)}")
+        else:
+            diff = (got - want.float()).abs().max().item()
+            tol = 1e-2 * want.float().abs().max().item() + 1e-6  # bf16 rounding of the dequantized product
+            if diff > tol:
+                out.append(f"layer {layer}: shared_experts.{name} loaded != checkpoint (max abs diff {diff:.3g})")
+    return out
+
+
+def _find_key(meta: dict[str, Any], pattern: str) -> str | None:
+    rx = re.compile(pattern)
+    hits = sorted(k for k in meta if rx.search(k) and "vision" not in k)
+    return hits[0] if hits else None
+
+
+def _dequant(meta: dict[str, tuple[Path, str, list[int]]], key: str) -> torch.Tensor:
+    """The stored weight in float32, times its per-channel/per-tensor `weight_scale` when quantized."""
+    w = _load(meta, key).float()
+    scale_key = key[: -len("weight")] + "weight_scale"
+    if scale_key in meta:
+        w = w * _load(meta, scale_key).float()
+    return w
