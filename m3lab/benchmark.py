@@ -5,6 +5,22 @@ fixed-length random prompts, a closed-loop concurrency sweep, per-request timing
 recorded from the SSE stream, and vLLM's metric names and units so numbers can be
 compared side by side with published vLLM results.
 
+The story of one run (`run_sweep(target, load)`):
+  1. `target` is where the load goes, known only at run time: the serve stage's base_url, model name,
+     tokenizer and engine. `load` is the params section `m3lab.params.Benchmark`, validated, the only
+     declaration of every load setting and its default.
+  2. For each concurrency level, in order, with fresh prompts (seeded by level, so a prefix cache
+     cannot make later levels look faster):
+     a. warm-up: warmup_factor × concurrency untimed requests at that concurrency, so at least one
+        full batch has run before anything is timed (InferenceX warms with 2 × conc; first batches
+        compile kernels and fill caches: on the H200 reference, one warm-up request per level left
+        c=2 stalled 4.8 s). It is recorded on its own (`LevelResult.warmup`), never in the metrics;
+     b. the timed part: num_prompts requests, at most `concurrency` in flight.
+  3. With `crosscheck_vllm_bench` (vLLM only), `vllm bench serve` measures the same load at every level,
+     with the same warm-up, and each of throughput, median TTFT and median TPOT is judged: the two
+     clients agree within ±10%, or they disagree (`judge_crosscheck`). Only agreement at every level is
+     "cross-checked".
+
 Definitions (same as vLLM unless noted):
 - TTFT  = arrival of the first chunk that carries text - send time.
 - E2EL  = arrival of the last chunk that carries text - send time. (Like vLLM, the
@@ -22,17 +38,23 @@ Definitions (same as vLLM unless noted):
 - Output tokens come from the server's `usage.completion_tokens` when it sends one
   (we always ask with `stream_options.include_usage`), else from tokenizing the
   generated text locally (may differ by a token or so); each record says which.
-- duration_s is the wall time of the timed part of one concurrency level (warmup
+- duration_s is the wall time of the timed part of one concurrency level (warm-up
   excluded); throughputs divide by it. Statistics of an empty set are 0.0, as in
   vLLM, so the JSON stays strict (no NaN).
+
+Exactly output_len tokens (`ignore_eos`) is asked for the engine's way, by its module's
+`force_output_len` (m3lab.engines): vLLM takes `ignore_eos: true`; `transformers serve`
+answers 422 to fields outside the OpenAI schema, so it gets a generation_config with
+min_new_tokens; `mlx_lm.server` has neither and silently drops fields it does not know,
+so its answers may end at EOS early, and the result says `output_len_forced: false`.
 
 Server notes (transformers 5.17 `transformers serve`, checked against its source and a
 live server): it streams one SSE event per decoded piece of text (a token, or nothing
 while a multi-byte character is incomplete), ends with an empty-text chunk carrying
 finish_reason and usage (always, `stream_options` is ignored) and sends no `[DONE]`;
-it answers 422 to fields outside the OpenAI schema such as `ignore_eos`; and without
-`--continuous-batching` it generates one request at a time, so at concurrency > 1 the
-extra requests queue inside the server and that wait shows up in their TTFT.
+and without `--continuous-batching` it generates one request at a time, so at
+concurrency > 1 the extra requests queue inside the server and that wait shows up in
+their TTFT.
 """
 
 from __future__ import annotations
@@ -42,7 +64,10 @@ import codecs
 import concurrent.futures
 import csv
 import json
+import math
 import random
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -52,16 +77,22 @@ import aiohttp
 import numpy as np
 
 from m3lab.client import endpoint_url
-from m3lab.serve import ensure_alive
+from m3lab.params import Benchmark
+from m3lab.procs import ensure_alive
+from m3lab.registry import ENGINES
 from m3lab.vllm_obs import metrics_delta, scrape_metrics, summarize_metrics
 
 __all__ = [
     "run_stage",
     "vllm_bench_command",
     "crosscheck_with_vllm_bench",
-    "BenchConfig",
+    "judge_crosscheck",
+    "CROSSCHECK_METRICS",
+    "CROSSCHECK_REL_TOL",
+    "Target",
     "RequestRecord",
     "BenchMetrics",
+    "Warmup",
     "LevelResult",
     "SweepResult",
     "BenchmarkError",
@@ -69,6 +100,7 @@ __all__ = [
     "parse_completion_event",
     "compute_metrics",
     "make_prompts",
+    "output_len_forced",
     "run_sweep",
     "run_sweep_async",
     "save_results",
@@ -85,42 +117,21 @@ class BenchmarkError(RuntimeError):
 
 
 # -----------------------------------------------------------------------------
-# config and records
+# target and records (the load settings are m3lab.params.Benchmark)
 
 
-@dataclass
-class BenchConfig:
+@dataclass(frozen=True)
+class Target:
+    """Where the load goes: the running server, from the serve stage. Not a user setting."""
+
     base_url: str  # server root "http://127.0.0.1:8000" (a trailing "/v1" is tolerated)
     model: str  # value of the "model" field; transformers serve wants its exact force_model path
     tokenizer_dir: str  # builds prompts of exact token length and counts output tokens
+    engine: str  # an m3lab.registry.ENGINES name: decides how ignore_eos is asked for
     endpoint: str = "/v1/completions"
-    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4])
-    num_prompts: int = 16  # timed requests per concurrency level
-    input_len: int = 128  # prompt tokens (local tokenizer, without special tokens)
-    output_len: int = 64  # max_tokens
-    ignore_eos: bool = True  # force exactly output_len tokens so levels are comparable
-    # The serving engine (params serve.engine); decides how ignore_eos is asked for: vLLM
-    # takes `ignore_eos: true`, transformers serve rejects unknown fields with 422, so
-    # there we pass a generation_config with min_new_tokens instead.
-    engine: Literal["vllm", "transformers"] = "vllm"
-    temperature: float = 0.0  # greedy: deterministic lengths when ignore_eos is off
-    seed: int = 0
-    warmup: bool = True  # one untimed request before each level (compile, caches, lazy init)
-    request_timeout_s: float = 600.0  # per request, connect to last byte
-    total_timeout_s: float = 3600.0  # whole sweep incl. warmups; unfinished requests fail
-    extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every payload last
 
     def __post_init__(self) -> None:
-        if not self.concurrency or any(int(c) < 1 for c in self.concurrency):
-            raise ValueError(f"concurrency must be a non-empty list of ints >= 1, got {self.concurrency!r}")
-        for name in ("num_prompts", "input_len", "output_len"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("request_timeout_s", "total_timeout_s"):
-            if float(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.engine not in ("vllm", "transformers"):
-            raise ValueError(f"engine must be 'vllm' or 'transformers', got {self.engine!r}")
+        ENGINES.get(self.engine)  # an unknown engine: an error that lists the registered ones
         if not self.endpoint.startswith("/"):
             raise ValueError(f"endpoint must start with '/', got {self.endpoint!r}")
 
@@ -131,7 +142,7 @@ class BenchConfig:
 
 @dataclass
 class RequestRecord:
-    """Everything observed for one request. Times are seconds since the level started."""
+    """Everything observed for one request. Times are seconds since its batch started."""
 
     index: int
     prompt_len: int  # server's usage.prompt_tokens if given, else local count
@@ -200,32 +211,55 @@ class BenchMetrics:
 
 
 @dataclass
+class Warmup:
+    """A level's untimed warm-up, sent at the level's concurrency. Never part of its metrics."""
+
+    count: int  # requests sent: warmup_factor × concurrency
+    completed: int
+    failed: int
+    duration_s: float  # wall time of the whole warm-up
+    e2el_ms: list[float]  # each completed request's end-to-end latency, in send order
+    errors: list[str]  # each failed request's error
+
+    @classmethod
+    def of(cls, records: Sequence[RequestRecord], duration_s: float) -> "Warmup":
+        ok = [r for r in records if r.success]
+        return cls(count=len(records), completed=len(ok), failed=len(records) - len(ok),
+                   duration_s=float(duration_s), e2el_ms=[r.e2el_s * 1000.0 for r in ok],
+                   errors=[r.error for r in records if not r.success])
+
+
+@dataclass
 class LevelResult:
     concurrency: int
-    metrics: BenchMetrics
-    records: list[RequestRecord]
-    warmup: RequestRecord | None = None
+    metrics: BenchMetrics  # the timed part only
+    records: list[RequestRecord]  # the timed part only
+    warmup: Warmup
     timed_out: bool = False  # total_timeout_s ran out during this level
 
 
 @dataclass
 class SweepResult:
-    config: BenchConfig
+    target: Target
+    load: Benchmark
     levels: list[LevelResult]
+    output_len_forced: bool  # each answer was asked for exactly output_len tokens (see output_len_forced())
     timed_out: bool = False  # later levels were skipped
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON view: config, and per level the flat metrics (report/plot read them at the
-        level's top level, like vLLM's result JSON) plus the per-request records."""
+        """JSON view: target, load, and per level the flat metrics (report/plot read them at the
+        level's top level, like vLLM's result JSON), its warm-up, and the per-request records."""
         return {
-            "config": asdict(self.config),
+            "target": asdict(self.target),
+            "load": self.load.model_dump(mode="json"),
+            "output_len_forced": self.output_len_forced,
             "timed_out": self.timed_out,
             "levels": [
                 {
                     "concurrency": lv.concurrency,
                     **asdict(lv.metrics),
                     "timed_out": lv.timed_out,
-                    "warmup": asdict(lv.warmup) if lv.warmup is not None else None,
+                    "warmup": asdict(lv.warmup),
                     "requests": [asdict(r) for r in lv.records],
                 }
                 for lv in self.levels
@@ -416,29 +450,29 @@ def make_prompts(
 # one request
 
 
-def _payload(cfg: BenchConfig, prompt: str) -> dict[str, Any]:
+def output_len_forced(target: Target, load: Benchmark) -> bool:
+    """Whether requests ask for exactly output_len tokens: ignore_eos is on and the engine has a way to ask."""
+    return load.ignore_eos and ENGINES.load(target.engine).force_output_len({}, load.output_len) is not None
+
+
+def _payload(target: Target, load: Benchmark, prompt: str) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": cfg.model,
+        "model": target.model,
         "prompt": prompt,
-        "max_tokens": cfg.output_len,
-        "temperature": cfg.temperature,
+        "max_tokens": load.output_len,
+        "temperature": load.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},  # transformers serve ignores it but always sends usage
     }
-    if cfg.ignore_eos:
-        if cfg.engine == "vllm":
-            body["ignore_eos"] = True
-        else:
-            # transformers serve replaces (not merges) the model's generation config with
-            # this JSON; fine for benchmarking, where only the length matters.
-            body["generation_config"] = json.dumps({"min_new_tokens": cfg.output_len, "do_sample": False})
-    body.update(cfg.extra_body)
+    if load.ignore_eos:
+        body = ENGINES.load(target.engine).force_output_len(body, load.output_len) or body
     return body
 
 
 async def _send(
     session: aiohttp.ClientSession,
-    cfg: BenchConfig,
+    target: Target,
+    load: Benchmark,
     tokenizer,
     rec: RequestRecord,
     prompt: str,
@@ -448,14 +482,15 @@ async def _send(
     dec = SSEDecoder()
     texts: list[str] = []
     usage: dict[str, Any] | None = None
-    timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
+    timeout = aiohttp.ClientTimeout(total=load.request_timeout_s)
+    url = target.url
 
     def handle(payload: str, now: float) -> bool:
         """Fold one SSE payload into rec; True when the stream is over."""
         nonlocal usage
         ev = parse_completion_event(payload)
         if ev["error"] is not None:
-            rec.error = f"server error mid-stream from {cfg.url}: {ev['error']}"
+            rec.error = f"server error mid-stream from {url}: {ev['error']}"
             return True
         if ev["usage"]:
             usage = ev["usage"]
@@ -471,10 +506,10 @@ async def _send(
 
     rec.send_s = time.perf_counter() - t0
     try:
-        async with session.post(cfg.url, json=_payload(cfg, prompt), timeout=timeout) as resp:
+        async with session.post(url, json=_payload(target, load, prompt), timeout=timeout) as resp:
             if resp.status != 200:
                 body = (await resp.text())[:500]
-                rec.error = f"HTTP {resp.status} from {cfg.url}: {body}"
+                rec.error = f"HTTP {resp.status} from {url}: {body}"
                 return rec
             done = False
             async for chunk in resp.content.iter_any():
@@ -490,22 +525,22 @@ async def _send(
     except asyncio.CancelledError:
         raise
     except asyncio.TimeoutError:
-        rec.error = f"request timed out after request_timeout_s={cfg.request_timeout_s} ({cfg.url})"
+        rec.error = f"request timed out after request_timeout_s={load.request_timeout_s} ({url})"
         return rec
     except Exception as e:  # noqa: BLE001 - connection refused/reset: a failed request, not a crash
-        rec.error = f"{type(e).__name__} talking to {cfg.url}: {e}"
+        rec.error = f"{type(e).__name__} talking to {url}: {e}"
         return rec
 
     if rec.error:  # error event mid-stream
         return rec
     rec.generated_text = "".join(texts)
     if rec.first_token_s is None:
-        rec.error = f"stream from {cfg.url} ended without any text chunk (cannot measure TTFT)"
+        rec.error = f"stream from {url} ended without any text chunk (cannot measure TTFT)"
         return rec
     if rec.finish_reason is None:
-        # Both vLLM and transformers serve close every stream with a finish_reason (only
-        # vLLM sends [DONE]); a stream that just stops was cut: the server died mid-answer.
-        rec.error = f"stream from {cfg.url} closed before any finish_reason (server died mid-response?)"
+        # Every server m3lab drives closes each stream with a finish_reason (not all send
+        # [DONE]); a stream that just stops was cut: the server died mid-answer.
+        rec.error = f"stream from {url} closed before any finish_reason (server died mid-response?)"
         return rec
     if usage and usage.get("completion_tokens") is not None:
         rec.output_tokens = int(usage["completion_tokens"])
@@ -523,36 +558,27 @@ async def _send(
 # sweep
 
 
-async def _run_level(
+async def _closed_loop(
     session: aiohttp.ClientSession,
-    cfg: BenchConfig,
+    target: Target,
+    load: Benchmark,
     tokenizer,
     concurrency: int,
     prompts: list[tuple[str, int]],
-    warmup_prompt: tuple[str, int] | None,
     deadline: float,
-) -> LevelResult:
-    t0 = time.perf_counter()
-    warm: RequestRecord | None = None
-    if warmup_prompt is not None:
-        warm = RequestRecord(index=-1, prompt_len=warmup_prompt[1])
-        try:
-            await asyncio.wait_for(
-                _send(session, cfg, tokenizer, warm, warmup_prompt[0], t0),
-                timeout=max(deadline - time.perf_counter(), 1e-3),
-            )
-        except asyncio.TimeoutError:
-            warm.error = f"warmup cut by total_timeout_s={cfg.total_timeout_s}"
-
+) -> tuple[list[RequestRecord], float, bool]:
+    """All `prompts`, at most `concurrency` in flight -> (records, wall time, cut by the deadline)."""
     sem = asyncio.Semaphore(concurrency)
     records = [RequestRecord(index=i, prompt_len=n) for i, (_, n) in enumerate(prompts)]
-    t0 = time.perf_counter()  # timed part starts after warmup
+    t0 = time.perf_counter()
 
     async def limited(rec: RequestRecord, prompt: str) -> None:
         async with sem:
-            await _send(session, cfg, tokenizer, rec, prompt, t0)
+            await _send(session, target, load, tokenizer, rec, prompt, t0)
 
     tasks = [asyncio.create_task(limited(r, p)) for r, (p, _) in zip(records, prompts)]
+    if not tasks:
+        return records, 0.0, False
     _, pending = await asyncio.wait(tasks, timeout=max(deadline - time.perf_counter(), 1e-3))
     for t in pending:
         t.cancel()
@@ -561,65 +587,88 @@ async def _run_level(
     for rec, task in zip(records, tasks):
         if task in pending:
             rec.success = False
-            rec.error = f"not finished within total_timeout_s={cfg.total_timeout_s}"
+            rec.error = f"not finished within total_timeout_s={load.total_timeout_s}"
+    return records, duration, bool(pending)
+
+
+async def _run_level(
+    session: aiohttp.ClientSession,
+    target: Target,
+    load: Benchmark,
+    tokenizer,
+    concurrency: int,
+    prompts: list[tuple[str, int]],
+    warmup_prompts: list[tuple[str, int]],
+    deadline: float,
+) -> LevelResult:
+    """The warm-up at this level's concurrency (at least one full batch), then the timed part; only the timed
+    part is measured."""
+    warm, warm_s, warm_cut = await _closed_loop(session, target, load, tokenizer, concurrency, warmup_prompts,
+                                                deadline)
+    records, duration, cut = await _closed_loop(session, target, load, tokenizer, concurrency, prompts, deadline)
     return LevelResult(
         concurrency=concurrency,
         metrics=compute_metrics(records, duration),
         records=records,
-        warmup=warm,
-        timed_out=bool(pending),
+        warmup=Warmup.of(warm, warm_s),
+        timed_out=warm_cut or cut,
     )
 
 
-async def run_sweep_async(cfg: BenchConfig, tokenizer=None) -> SweepResult:
+async def run_sweep_async(target: Target, load: Benchmark, tokenizer=None) -> SweepResult:
     """Run every concurrency level in order; see `run_sweep`."""
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg.tokenizer_dir)
-    deadline = time.perf_counter() + cfg.total_timeout_s
-    levels: list[LevelResult] = []
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(target.tokenizer_dir)
+    deadline = time.perf_counter() + load.total_timeout_s
+    result = SweepResult(target=target, load=load, levels=[], output_len_forced=output_len_forced(target, load))
     vocab = _clean_vocab(tokenizer)
     # Connection pool as large as the largest level so the semaphore, not aiohttp, limits.
-    connector = aiohttp.TCPConnector(limit=max(cfg.concurrency) + 1, force_close=False)
+    connector = aiohttp.TCPConnector(limit=max(load.concurrency) + 1, force_close=False)
     async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
-        for li, conc in enumerate(cfg.concurrency):
+        for li, conc in enumerate(load.concurrency):
             if time.perf_counter() >= deadline:
-                return SweepResult(config=cfg, levels=levels, timed_out=True)
-            # Fresh prompts per level (seeded by level) so a prefix cache cannot make
-            # later levels look faster than earlier ones.
-            prompts = make_prompts(tokenizer, cfg.num_prompts + int(cfg.warmup), cfg.input_len,
-                                   seed=cfg.seed * 1000 + li, vocab=vocab)
-            warm = prompts.pop() if cfg.warmup else None
-            level = await _run_level(session, cfg, tokenizer, int(conc), prompts, warm, deadline)
-            levels.append(level)
+                result.timed_out = True
+                return result
+            # Fresh prompts per level (seeded by level) so a prefix cache cannot make later levels look faster
+            # than earlier ones; the warm-up's prompts are others again, after the timed ones.
+            n_warm = load.warmup_factor * conc
+            prompts = make_prompts(tokenizer, load.num_prompts + n_warm, load.input_len,
+                                   seed=load.seed * 1000 + li, vocab=vocab)
+            timed, warm = prompts[:load.num_prompts], prompts[load.num_prompts:]
+            level = await _run_level(session, target, load, tokenizer, conc, timed, warm, deadline)
+            result.levels.append(level)
             if level.metrics.completed == 0:
                 first = next((r.error for r in level.records if r.error), "no error recorded")
                 raise BenchmarkError(
-                    f"all {len(level.records)} requests to {cfg.url} failed at concurrency={conc}; "
+                    f"all {len(level.records)} requests to {target.url} failed at concurrency={conc}; "
                     f"is the server up? first error: {first}"
                 )
             if level.timed_out:
-                return SweepResult(config=cfg, levels=levels, timed_out=True)
-    return SweepResult(config=cfg, levels=levels)
+                result.timed_out = True
+                return result
+    return result
 
 
-def run_sweep(cfg: BenchConfig, tokenizer=None) -> SweepResult:
+def run_sweep(target: Target, load: Benchmark, tokenizer=None) -> SweepResult:
     """Blocking entry point for notebooks/scripts. Raises BenchmarkError if a whole level fails.
 
     Partial failures (some requests erroring) are recorded, not raised. Everything is
-    bounded: num_prompts per level, request_timeout_s per request, total_timeout_s for
-    the sweep (then unfinished requests fail and remaining levels are skipped).
+    bounded: num_prompts (+ the warm-up) per level, request_timeout_s per request,
+    total_timeout_s for the sweep (then unfinished requests fail and remaining levels are
+    skipped).
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run_sweep_async(cfg, tokenizer))
+        return asyncio.run(run_sweep_async(target, load, tokenizer))
     # Jupyter/papermill kernels already run an event loop, where asyncio.run refuses to
     # start; give the sweep its own loop in a worker thread (or `await run_sweep_async`).
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, run_sweep_async(cfg, tokenizer)).result()
+        return pool.submit(asyncio.run, run_sweep_async(target, load, tokenizer)).result()
 
 
 def save_results(result: SweepResult, out_dir: str | Path, stem: str = "benchmark") -> tuple[Path, Path]:
-    """Write <stem>.json (config, per-level metrics, per-request records) and <stem>.csv (one row per level)."""
+    """Write <stem>.json (target, load, per-level metrics and warm-up, per-request records) and <stem>.csv
+    (one row per level)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
@@ -632,66 +681,143 @@ def save_results(result: SweepResult, out_dir: str | Path, stem: str = "benchmar
     return json_path, csv_path
 
 
+# -----------------------------------------------------------------------------
+# cross-check against `vllm bench serve`
+
+# What must agree, and how closely (issue 9): throughput, median TTFT, median TPOT, within ±10%, at every level.
+CROSSCHECK_METRICS: tuple[str, ...] = ("output_throughput", "median_ttft_ms", "median_tpot_ms")
+CROSSCHECK_REL_TOL = 0.10
+# Both clients' numbers that are recorded side by side (the judged ones and a few more to read).
+_CROSS_KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms",
+               "median_e2el_ms")
+
+
+def vllm_bench_command(target: Target, load: Benchmark, concurrency: int, result_dir: Path) -> list[str]:
+    """`vllm bench serve` at the same load as one of our levels: random prompts of the same lengths, the same
+    number of requests, the same concurrency cap, the same warm-up, ignore_eos — so the two clients' numbers are
+    comparable."""
+    argv = ["vllm", "bench", "serve", "--backend", "openai",
+            "--base-url", target.base_url.rstrip("/").removesuffix("/v1"), "--endpoint", target.endpoint,
+            "--model", target.model, "--tokenizer", target.tokenizer_dir, "--dataset-name", "random",
+            "--random-input-len", str(load.input_len), "--random-output-len", str(load.output_len),
+            "--num-prompts", str(load.num_prompts), "--max-concurrency", str(concurrency), "--seed", str(load.seed),
+            "--temperature", str(load.temperature),
+            "--save-result", "--result-dir", str(result_dir), "--result-filename", f"vllm-bench-c{concurrency}.json"]
+    if load.warmup_factor:
+        argv += ["--num-warmups", str(load.warmup_factor * concurrency)]
+    return argv + (["--ignore-eos"] if load.ignore_eos else [])
+
+
+def crosscheck_with_vllm_bench(target: Target, load: Benchmark, ours: dict[str, Any],
+                               out_dir: Path) -> list[dict[str, Any]]:
+    """Run `vllm bench serve` at each of our levels; per level: both clients' numbers, side by side (judged by
+    `judge_crosscheck`)."""
+    rows = []
+    for lv in ours["levels"]:
+        argv = vllm_bench_command(target, load, lv["concurrency"], out_dir)
+        try:
+            done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", *argv[1:]],
+                                  capture_output=True, text=True, timeout=load.total_timeout_s)
+        except subprocess.TimeoutExpired:
+            rows.append({"concurrency": lv["concurrency"], "status": "failed", "command": " ".join(argv),
+                         "reason": f"not finished within total_timeout_s={load.total_timeout_s}"})
+            continue
+        (out_dir / f"vllm-bench-c{lv['concurrency']}.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+            rows.append({"concurrency": lv["concurrency"], "status": "failed", "reason": last[0],
+                         "command": " ".join(argv)})
+            continue
+        theirs = json.loads((out_dir / f"vllm-bench-c{lv['concurrency']}.json").read_text())
+        rows.append({"concurrency": lv["concurrency"], "status": "ok", "command": " ".join(argv),
+                     **{f"m3lab_{k}": lv.get(k) for k in _CROSS_KEYS},
+                     **{f"vllm_{k}": theirs.get(k) for k in _CROSS_KEYS}})
+    return rows
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _check(metric: str, ours: Any, theirs: Any, rel_tol: float) -> dict[str, Any]:
+    """One metric at one level: ratio = m3lab / vllm bench serve; agree when within ±rel_tol of 1."""
+    m, v = _number(ours), _number(theirs)
+    if m is None or v is None or v <= 0:
+        missing = "m3lab" if m is None else "vllm bench serve"
+        return {"metric": metric, "m3lab": m, "vllm": v, "ratio": None, "agree": False,
+                "reason": f"{missing} reported no usable {metric}"}
+    ratio = m / v
+    return {"metric": metric, "m3lab": m, "vllm": v, "ratio": ratio, "agree": abs(ratio - 1.0) <= rel_tol}
+
+
+def _not_run(reason: str) -> dict[str, Any]:
+    return {"status": f"not run ({reason})", "reason": reason, "summary": f"not cross-checked: {reason}"}
+
+
+def judge_crosscheck(rows: Sequence[dict[str, Any]], rel_tol: float = CROSSCHECK_REL_TOL) -> dict[str, Any]:
+    """The verdict on both clients' numbers (pure: rows as `crosscheck_with_vllm_bench` writes them).
+
+    Per level and metric of CROSSCHECK_METRICS a check {metric, m3lab, vllm, ratio, agree}; a level is "agree"
+    when all its checks agree, "disagree" when one measured pair differs by more than ±rel_tol, else "not run
+    (why)". Overall status: "disagree" if any level disagrees, "not run (why)" if any level could not
+    be judged, "agree" only when every level agrees; only then does the summary say "cross-checked".
+    """
+    levels = []
+    for row in rows:
+        lv = {k: v for k, v in row.items() if k not in ("status", "reason")}
+        if row.get("status") != "ok":
+            lv["checks"], reason = [], f"vllm bench serve failed: {row.get('reason') or 'no reason given'}"
+        else:
+            lv["checks"] = [_check(m, row.get(f"m3lab_{m}"), row.get(f"vllm_{m}"), rel_tol)
+                            for m in CROSSCHECK_METRICS]
+            reason = "; ".join(ch["reason"] for ch in lv["checks"] if ch["ratio"] is None)
+        if any(ch["ratio"] is not None and not ch["agree"] for ch in lv["checks"]):
+            lv["status"] = "disagree"
+        elif reason:
+            lv.update(status=f"not run ({reason})", reason=reason)
+        else:
+            lv["status"] = "agree"
+        levels.append(lv)
+
+    tol = f"±{rel_tol:.0%}"
+    off = [f"c={lv['concurrency']} {ch['metric']} ×{ch['ratio']:.2f}" for lv in levels for ch in lv["checks"]
+           if ch["ratio"] is not None and not ch["agree"]]
+    not_run = [f"c={lv['concurrency']}: {lv['reason']}" for lv in levels if "reason" in lv]
+    verdict: dict[str, Any] = {}
+    if off:
+        verdict["status"] = "disagree"
+        verdict["summary"] = f"m3lab and vllm bench serve disagree beyond {tol}: {', '.join(off)}" + (
+            f"; not judged: {'; '.join(not_run)}" if not_run else "")
+    elif not_run or not levels:
+        verdict = _not_run("; ".join(not_run) or "no levels to compare")
+    else:
+        verdict["status"] = "agree"
+        verdict["summary"] = (f"cross-checked against vllm bench serve: {', '.join(CROSSCHECK_METRICS)} agree "
+                              f"within {tol} at every level (c={', '.join(str(lv['concurrency']) for lv in levels)})")
+    return {**verdict, "rel_tol": rel_tol, "metrics": list(CROSSCHECK_METRICS), "levels": levels}
+
+
+# -----------------------------------------------------------------------------
+# the DAG's stage
+
+
 def _scrape(server: dict[str, Any]) -> dict[str, Any] | None:
-    """The server's Prometheus /metrics (vLLM has them; transformers serve does not → None)."""
+    """The server's Prometheus /metrics (vLLM has them; transformers serve and mlx_lm.server do not → None)."""
     if server["engine"] != "vllm":
         return None
     return scrape_metrics(server["base_url"], timeout=30)
 
 
-def vllm_bench_command(cfg: BenchConfig, concurrency: int, result_dir: Path) -> list[str]:
-    """`vllm bench serve` at the same load as one of our levels: random prompts of the same lengths, the same
-    number of requests, the same concurrency cap, ignore_eos — so the two clients' numbers are comparable."""
-    argv = ["vllm", "bench", "serve", "--backend", "openai", "--base-url", cfg.base_url.rstrip("/").removesuffix("/v1"), "--endpoint",
-            cfg.endpoint, "--model", cfg.model, "--tokenizer", cfg.tokenizer_dir, "--dataset-name", "random",
-            "--random-input-len", str(cfg.input_len), "--random-output-len", str(cfg.output_len),
-            "--num-prompts", str(cfg.num_prompts), "--max-concurrency", str(concurrency), "--seed", str(cfg.seed),
-            "--save-result", "--result-dir", str(result_dir), "--result-filename", f"vllm-bench-c{concurrency}.json"]
-    return argv + (["--ignore-eos"] if cfg.ignore_eos else [])
-
-
-_CROSS_KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms", "median_itl_ms",
-               "median_e2el_ms")
-
-
-def crosscheck_with_vllm_bench(cfg: BenchConfig, ours: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
-    """Run `vllm bench serve` at each of our levels; per level: both clients' numbers and ours/vLLM's ratio."""
-    import subprocess
-    import sys
-
-    rows = []
-    for lv in ours["levels"]:
-        argv = vllm_bench_command(cfg, lv["concurrency"], out_dir)
-        done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.cli.main", *argv[1:]], capture_output=True,
-                              text=True, timeout=cfg.total_timeout_s)
-        (out_dir / f"vllm-bench-c{lv['concurrency']}.log").write_text(done.stdout + done.stderr)
-        if done.returncode != 0:
-            rows.append({"concurrency": lv["concurrency"], "status": "failed",
-                         "reason": (done.stderr or done.stdout).strip().splitlines()[-1:],
-                         "command": " ".join(argv)})
-            continue
-        theirs = json.loads((out_dir / f"vllm-bench-c{lv['concurrency']}.json").read_text())
-        rows.append({"concurrency": lv["concurrency"], "status": "ok", "command": " ".join(argv),
-                     **{f"m3lab_{k}": lv[k] for k in _CROSS_KEYS},
-                     **{f"vllm_{k}": theirs.get(k) for k in _CROSS_KEYS},
-                     **{f"ratio_{k}": (lv[k] / theirs[k]) if theirs.get(k) else None for k in _CROSS_KEYS}})
-    return rows
-
-
 def run_stage(ctx) -> dict[str, Any]:
     """The DAG's benchmark stage: the params sweep against the served model; JSON + CSV in the stage folder."""
-    cfg = ctx.params["benchmark"]
+    load = Benchmark.model_validate(ctx.params["benchmark"])
     serve = ctx.upstream("serve")
     server = serve["server"]
-    bench = BenchConfig(
-        base_url=server["base_url"], model=server["model"], tokenizer_dir=serve["tokenizer_dir"],
-        engine=server["engine"], concurrency=cfg["concurrency"], num_prompts=cfg["num_prompts"],
-        input_len=cfg["input_len"], output_len=cfg["output_len"], ignore_eos=cfg["ignore_eos"], seed=cfg["seed"],
-        request_timeout_s=cfg["request_timeout_s"],
-    )
+    target = Target(base_url=server["base_url"], model=server["model"], tokenizer_dir=serve["tokenizer_dir"],
+                    engine=server["engine"])
     metrics_before = _scrape(server)
     try:
-        result = run_sweep(bench)
+        result = run_sweep(target, load)
     except BenchmarkError:
         ensure_alive(server)  # a dead server is the real cause: say so, with its log tail
         raise
@@ -703,7 +829,7 @@ def run_stage(ctx) -> dict[str, Any]:
         # the median TPOT, prefill from the median TTFT (which at concurrency 1 is the prompt's prefill plus one
         # decode step, so it slightly understates prefill speed).
         lv["decode_tok_s"] = round(1000.0 / lv["median_tpot_ms"], 3) if lv["median_tpot_ms"] > 0 else None
-        lv["prefill_tok_s"] = round(cfg["input_len"] * 1000.0 / lv["median_ttft_ms"], 3) \
+        lv["prefill_tok_s"] = round(load.input_len * 1000.0 / lv["median_ttft_ms"], 3) \
             if lv["median_ttft_ms"] > 0 else None
     if metrics_before is not None and metrics_after is not None:
         # The server's own view of the sweep (its /metrics before and after): KV-cache usage, request histograms.
@@ -711,10 +837,9 @@ def run_stage(ctx) -> dict[str, Any]:
         (ctx.stage_dir / "server-metrics.json").write_text(json.dumps(metrics_after, indent=1))
     else:
         out["server_metrics"] = {"status": "not run", "reason": f"{server['engine']} exposes no /metrics"}
-    if cfg.get("crosscheck_vllm_bench"):
-        if server["engine"] != "vllm":
-            out["crosscheck"] = {"status": "not run", "reason": f"vllm bench serve needs the vllm engine, "
-                                                                f"this server is {server['engine']}"}
+    if load.crosscheck_vllm_bench:
+        if target.engine != "vllm":
+            out["crosscheck"] = _not_run(f"vllm bench serve needs the vllm engine, this server is {target.engine}")
         else:
-            out["crosscheck"] = {"status": "ok", "levels": crosscheck_with_vllm_bench(bench, out, ctx.stage_dir)}
+            out["crosscheck"] = judge_crosscheck(crosscheck_with_vllm_bench(target, load, out, ctx.stage_dir))
     return out

@@ -24,11 +24,14 @@ and on Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -249,9 +252,75 @@ def run(profile: str | Path | None = None, only: str | None = None, from_: str |
         echo: Callable[[str], None] = print, root: Path | None = None) -> RunReport:
     """Run the DAG for a profile; returns the report (the run's folder holds everything)."""
     params = load_params(profile)
+    if params.plan_only:
+        raise RunError(f"profile {params.profile} is plan-only (plan_only: true): it describes hardware this "
+                       f"profile was never run on; `m3lab plan {params.profile}` prints what it would do")
+    profile_dir = (root or results_root()) / params.profile
+    with _run_lock(profile_dir), _signals_as_interrupt():
+        return _run(params, profile_dir, only, from_, force, echo, root)
+
+
+class RunLocked(RunError):
+    """Another `m3lab run` of this profile is running on this results folder."""
+
+
+@contextlib.contextmanager
+def _run_lock(profile_dir: Path):
+    """One run per (profile, results folder) at a time: a second one would reuse the first one's half-made
+    stages and write into the same cache folders. The lock is an flock on `<profile_dir>/.run.lock`, so the
+    kernel releases it when its holder dies however it dies (a stale lock of a dead pid is simply taken over);
+    the file says who holds it."""
+    try:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(profile_dir / ".run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(f"{profile_dir}: cannot create the run lock ({e.strerror}); is the results folder "
+                       f"writable? (set M3LAB_RESULTS to another folder)") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise RunLocked(f"profile {profile_dir.name}: another m3lab run holds {profile_dir / '.run.lock'} "
+                            f"({holder}); wait for it, or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {_now()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt():
+    """SIGTERM and SIGHUP (how schedulers, CI and closed terminals stop a job) end a run the way Ctrl-C does:
+    servers stopped, the stage and run marked `interrupted`, summary and index written."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_further_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _run(params: Params, profile_dir: Path, only: str | None, from_: str | None, force: bool,
+         echo: Callable[[str], None], root: Path | None) -> RunReport:
     plans = plan_run(params, only=only, from_=from_, force=force, root=root)
     resolved = params.model_dump(mode="json")
-    run_id, run_dir = _new_run_dir((root or results_root()) / params.profile)
+    run_id, run_dir = _new_run_dir(profile_dir)
     write_json(run_dir / "params.json", resolved)
     rep = RunReport(params.profile, run_id, run_dir, "ok")
     echo(f"m3lab: profile {params.profile} → {run_dir}")
@@ -310,6 +379,7 @@ def run(profile: str | Path | None = None, only: str | None = None, from_: str |
         rep.status = "interrupted"
         echo("m3lab: interrupted — stopping servers")
     finally:
+        _ignore_further_signals()  # a second Ctrl-C/SIGTERM must not cut the clean-up short (orphan servers)
         stopped = serve.stop_all(run_dir)
         if stopped:
             echo(f"m3lab: stopped {len(stopped)} server(s)")

@@ -1,4 +1,4 @@
-"""Download stage: fetch one pinned revision of a Hub repo into a folder, verify it, write a manifest.
+"""Download stage: fetch one revision of a Hub repo into a folder, verify every byte, write a manifest.
 
     params = DownloadParams(repo_id="org/name", revision="<40-hex sha>", local_dir="...", result_dir="...")
     result = download(params)   # -> DownloadResult; raises DownloadError with what/where on failure
@@ -8,18 +8,30 @@ the only difference is `endpoint`. huggingface_hub reads HF_ENDPOINT once, at im
 on the environment being set early enough -- the endpoint is resolved here and passed explicitly to every call.
 
 Steps:
-  1. preflight: list the repo's files and sizes at `revision` (one API call), apply the patterns, and check
-     that the disk at `local_dir` has room for what is still missing -- before any byte is written.
-  2. `huggingface_hub.snapshot_download` of the *resolved commit sha*, so the listing and the bytes come
-     from the same commit even if a branch moves in between. Already-complete files are skipped without a
-     network call; a dropped connection is resumed with an HTTP Range request by the client.
-  3. verify every file against the Hub's own hashes (sha256 for LFS files, git blob id otherwise); a bad
-     file is deleted and fetched again once.
-  4. write `manifest.json` (temp file + rename) into `result_dir`. The manifest is the stage's "done"
-     marker: it is removed when a run starts and only written when everything checked out.
+  1. preflight: resolve the revision to a commit sha and list that commit's files with sizes and hashes (one
+     API call), apply the patterns, and check that the disk at `local_dir` has room for what is missing --
+     before any byte is written. Everything below works on the commit, so a branch that moves in between
+     cannot mix two commits.
+  2. check what is already there: every file on disk is hashed now and compared with the Hub's own hash
+     (sha256 for LFS files, git blob id otherwise). A file that does not match is deleted and fetched again.
+     No hash is ever taken from a cache: size and mtime say nothing about a flipped byte.
+  3. fetch what is missing with huggingface_hub's own primitives -- `get_hf_file_metadata` (the HEAD that
+     finds the CDN location) and `http_get` (the GET, with HTTP Range) -- into a partial file whose name is
+     the same in every run for (repo, commit, file). A dropped connection is resumed by the client within a
+     run; a run that is interrupted leaves the partial, and the next run continues it with a Range request.
+     (`snapshot_download` cannot do that: in huggingface_hub 1.33 it writes to a temp file unique to the
+     process and deletes it on failure -- huggingface_hub PR 4228 -- so nothing survives for a next run.)
+  4. hash what was fetched; a file that does not match is fetched once more from byte 0, and if it still
+     does not match, the stage fails with a DownloadError naming the file, the Hub's hash and the file's.
+  5. write `manifest.json` (temp file + rename) into `result_dir`, with the hashes computed in this run. The
+     manifest is the stage's "done" marker: it is removed when a run starts and only written when every file
+     checked out.
+
+Every run hashes every file once: about 10 ms for the embedded model, disk speed for a real checkpoint. That
+is the price of never reporting a hash the file does not have.
 
 The HF token is read from the environment variable *named* by `token_env`; the value is handed to the client
-and nowhere else -- not to params, results, manifest, logs or error messages.
+and nowhere else -- not to params, results, manifest, logs or error messages -- and never to a CDN host.
 """
 
 from __future__ import annotations
@@ -31,13 +43,15 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import httpx
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -47,13 +61,14 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.file_download import http_get
+from huggingface_hub.utils import WeakFileLock, build_hf_headers, filter_repo_objects
 
 from m3lab import tinymodel
 from m3lab.hub import LocalHub
 
 __all__ = ["MANIFEST_NAME", "DownloadError", "DownloadParams", "DownloadResult", "ManifestFile", "download",
-           "run_stage"]
+           "resolve_commit", "run_stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +76,14 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "m3lab.download/1"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 HASH_CHUNK = 8 * 1024 * 1024
-# A killed run leaves the client's temp file behind (`*.incomplete`, a unique name per run, never reused).
-# Older than this, no live download is still writing it, so it is only wasted disk.
+# Where a file's bytes collect until it is complete, inside local_dir (see _partial_path).
+PARTIAL_DIR = Path(".cache") / "m3lab" / "partial"
+# huggingface_hub's own temp files, left by a killed `snapshot_download` (a unique name per process: never resumed).
+HF_PARTIAL_DIR = Path(".cache") / "huggingface" / "download"
+# A partial file that this download will not continue (another commit, other patterns, or the client's), older
+# than this, has no live download writing it, so it is only wasted disk.
 STALE_PARTIAL_S = 600
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 HF_TOKEN_SHAPE = re.compile(r"hf_[A-Za-z0-9]{30,}")  # user access tokens: "hf_" + 34 letters/digits
 
@@ -76,7 +96,7 @@ class DownloadError(RuntimeError):
 class DownloadParams:
     repo_id: str  # "org/name"
     revision: str  # pin a 40-hex commit sha; a branch/tag works too and its resolved sha is recorded
-    local_dir: str  # where the repo's files go (the client keeps its bookkeeping in local_dir/.cache/)
+    local_dir: str  # where the repo's files go (m3lab keeps its partial files in local_dir/.cache/)
     result_dir: str  # where manifest.json goes
     allow_patterns: list[str] | None = None  # fnmatch patterns, as in snapshot_download
     ignore_patterns: list[str] | None = None
@@ -84,12 +104,17 @@ class DownloadParams:
     token_env: str | None = "HF_TOKEN"  # NAME of the env var holding the token; unset var -> client's default
     min_free_gb: float = 1.0  # disk that must stay free at local_dir after the download
     max_workers: int = 8  # parallel file downloads
+    # The commit `revision` resolved to, when the caller resolved it already (run_stage does, to name local_dir
+    # after it): files are then listed and fetched at this commit, and `revision` is only recorded.
+    commit: str | None = None
 
     def __post_init__(self) -> None:
         if not self.repo_id or self.repo_id != self.repo_id.strip() or self.repo_id.count("/") > 1:
             raise ValueError(f"repo_id must look like 'org/name', got {self.repo_id!r}")
         if not isinstance(self.revision, str) or not self.revision.strip():
             raise ValueError(f"revision is required (pin a commit sha) for {self.repo_id!r}, got {self.revision!r}")
+        if self.commit is not None and not COMMIT_SHA.fullmatch(self.commit):
+            raise ValueError(f"commit must be a 40-hex commit sha, got {self.commit!r}")
         if self.token_env is not None and (
             not ENV_NAME.fullmatch(self.token_env) or HF_TOKEN_SHAPE.fullmatch(self.token_env)
         ):
@@ -110,7 +135,7 @@ class DownloadParams:
 class ManifestFile:
     path: str
     size: int
-    sha256: str
+    sha256: str  # computed from the file in the run that wrote the manifest, never taken from a cache
 
 
 @dataclass(frozen=True)
@@ -123,7 +148,7 @@ class DownloadResult:
     manifest_path: Path
     files: tuple[ManifestFile, ...]
     total_bytes: int
-    fetched_files: tuple[str, ...]  # files that were missing or incomplete locally before this run
+    fetched_files: tuple[str, ...]  # files that were missing, incomplete or not the Hub's bytes before this run
     seconds: float
 
 
@@ -137,13 +162,38 @@ class _RemoteFile:
     blob_id: str | None  # regular files: git blob id of the content (None for LFS files: theirs is the pointer's)
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where the bytes come from: one commit of one repo at one endpoint."""
+
+    repo_id: str
+    revision: str  # as asked, for messages
+    commit: str
+    endpoint: str
+    token_env: str | None  # for messages: where the token came from
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        return f"{self.repo_id!r} at revision {self.revision!r} (commit {self.commit}) from {self.endpoint}"
+
+
+@dataclass(frozen=True)
+class _Digest:
+    """What a file on disk hashes to, now."""
+
+    size: int
+    sha256: str
+    git_blob_id: str | None  # only computed for files whose Hub hash is a git blob id
+
+
 # -----------------------------------------------------------------------------
 # The stage
 
 
 def download(params: DownloadParams) -> DownloadResult:
     t0 = time.perf_counter()
-    endpoint = (params.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    endpoint = _endpoint(params.endpoint)
     token = _read_token(params.token_env)
     local_dir = Path(params.local_dir).expanduser().resolve()
     manifest_path = Path(params.result_dir).expanduser().resolve() / MANIFEST_NAME
@@ -153,35 +203,35 @@ def download(params: DownloadParams) -> DownloadResult:
 
     # 1. preflight: what to fetch, how big, and is there room -- nothing written to local_dir yet
     commit, wanted = _list_files(params, endpoint, token)
-    where = f"{params.repo_id!r} at revision {params.revision!r} (commit {commit}) from {endpoint}"
+    src = _Source(params.repo_id, params.revision, commit, endpoint, params.token_env, token)
     if any(manifest_path == local_dir / f.path for f in wanted):
-        raise DownloadError(f"manifest path {manifest_path} would overwrite a downloaded file of {where}")
-    _remove_stale_partials(local_dir)
+        raise DownloadError(f"manifest path {manifest_path} would overwrite a downloaded file of {src.where}")
     missing = [f for f in wanted if not _looks_complete(local_dir / f.path, f)]
     _check_disk(local_dir, sum(f.size for f in missing), params.min_free_gb)
+    _remove_stale_partials(local_dir, keep={_partial_path(local_dir, src, f).name for f in wanted})
+
+    # 2. what is already on disk is hashed now and must be the Hub's bytes
+    files, wrong = _verify(local_dir, [f for f in wanted if f not in missing])
+    for f, why in wrong:
+        logger.warning("%s in %s is not the file of %s (%s): fetching it again", f.path, local_dir, src.where, why)
+        (local_dir / f.path).unlink(missing_ok=True)
+    to_fetch = sorted(missing + [f for f, _ in wrong], key=lambda f: f.path)
     logger.info(
         "download %s: %d files, %d bytes; %d files (%d bytes) to fetch into %s",
-        where,
+        src.where,
         len(wanted),
         sum(f.size for f in wanted),
-        len(missing),
-        sum(f.size for f in missing),
+        len(to_fetch),
+        sum(f.size for f in to_fetch),
         local_dir,
     )
 
-    # 2. fetch (no-op for files already complete), 3. verify; one repair round for files that fail
-    _fetch(params, endpoint, token, commit, local_dir, wanted, where)
-    files, bad = _verify(local_dir, wanted)
-    if bad:
-        logger.warning("re-fetching %d file(s) that failed verification: %s", len(bad), bad)
-        for path in bad:
-            (local_dir / path).unlink(missing_ok=True)  # the client re-fetches a file that is not there
-        _fetch(params, endpoint, token, commit, local_dir, wanted, where)
-        files, bad = _verify(local_dir, wanted)
-        if bad:
-            raise DownloadError(f"files of {where} in {local_dir} do not match the Hub's hashes: {bad}")
+    # 3. fetch (resuming partials), 4. verify; one more fetch, from byte 0, for a file that fails
+    if to_fetch:
+        files += _fetch_verified(src, local_dir, to_fetch, params.max_workers)
+    files.sort(key=lambda f: f.path)
 
-    # 4. manifest, atomically
+    # 5. manifest, atomically
     total = sum(f.size for f in files)
     _write_json_atomic(
         manifest_path,
@@ -205,15 +255,35 @@ def download(params: DownloadParams) -> DownloadResult:
         manifest_path=manifest_path,
         files=tuple(files),
         total_bytes=total,
-        fetched_files=tuple(f.path for f in missing),
+        fetched_files=tuple(f.path for f in to_fetch),
         seconds=time.perf_counter() - t0,
     )
-    logger.info("download %s: done in %.2fs, manifest %s", where, result.seconds, manifest_path)
+    logger.info("download %s: done in %.2fs, manifest %s", src.where, result.seconds, manifest_path)
     return result
+
+
+def resolve_commit(repo_id: str, revision: str, *, endpoint: str | None = None,
+                   token_env: str | None = "HF_TOKEN") -> str:
+    """The commit sha that `revision` (branch, tag or sha) points to now, asked of the Hub (one API call).
+
+    Name folders after this, never after the revision: a branch can point at other weights tomorrow, a
+    commit cannot. Pass it on as `DownloadParams.commit` so the download fetches exactly that commit."""
+    endpoint = _endpoint(endpoint)
+    try:
+        info = HfApi(endpoint=endpoint, token=_read_token(token_env)).model_info(repo_id, revision=revision)
+    except Exception as err:
+        raise _wrap(err, repo_id, revision, endpoint, token_env, stage="resolving the revision of") from err
+    if not info.sha or not COMMIT_SHA.fullmatch(info.sha):
+        raise DownloadError(f"{endpoint} returned no commit sha for {repo_id!r}@{revision!r} (got {info.sha!r})")
+    return info.sha
 
 
 # -----------------------------------------------------------------------------
 # Steps
+
+
+def _endpoint(endpoint: str | None) -> str:
+    return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
 def _read_token(token_env: str | None) -> str | None:
@@ -224,14 +294,15 @@ def _read_token(token_env: str | None) -> str | None:
 
 def _list_files(params: DownloadParams, endpoint: str, token: str | None) -> tuple[str, list[_RemoteFile]]:
     """Resolve the revision to a commit sha and list the files the patterns select, with sizes and hashes."""
+    revision = params.commit or params.revision
     try:
         info = HfApi(endpoint=endpoint, token=token).model_info(
-            params.repo_id, revision=params.revision, files_metadata=True
+            params.repo_id, revision=revision, files_metadata=True
         )
     except Exception as err:
-        raise _wrap(err, params, endpoint, stage="listing files") from err
+        raise _wrap(err, params.repo_id, params.revision, endpoint, params.token_env, stage="listing files of") from err
     if not info.sha or info.siblings is None:
-        raise DownloadError(f"{endpoint} returned no commit sha / file list for {params.repo_id!r}@{params.revision!r}")
+        raise DownloadError(f"{endpoint} returned no commit sha / file list for {params.repo_id!r}@{revision!r}")
     files = [
         _RemoteFile(
             path=s.rfilename,
@@ -241,7 +312,7 @@ def _list_files(params: DownloadParams, endpoint: str, token: str | None) -> tup
         )
         for s in info.siblings
     ]
-    # The very filter snapshot_download applies, so both agree on the selection.
+    # The very filter snapshot_download applies, so a profile's patterns select what they always did.
     wanted = list(
         filter_repo_objects(
             files, allow_patterns=params.allow_patterns, ignore_patterns=params.ignore_patterns, key=lambda f: f.path
@@ -253,25 +324,50 @@ def _list_files(params: DownloadParams, endpoint: str, token: str | None) -> tup
             f"{len(files)} files of {params.repo_id!r} at revision {params.revision!r} "
             f"(files: {sorted(f.path for f in files)[:20]})"
         )
+    if unsafe := [f.path for f in wanted if not _is_safe_relative(f.path)]:
+        # The files are written to local_dir / path: a listed path must not reach outside local_dir.
+        raise DownloadError(f"{endpoint} lists unsafe file paths {unsafe} for {params.repo_id!r}@{revision!r}")
     if unsized := [f.path for f in wanted if f.size < 0]:
         raise DownloadError(f"{endpoint} did not report sizes for {unsized} of {params.repo_id!r}")
+    if unhashed := [f.path for f in wanted if not (f.sha256 or f.blob_id)]:
+        # Without the Hub's hash a file cannot be verified, and an unverified file is never reported ok.
+        raise DownloadError(f"{endpoint} did not report hashes (lfs.sha256 / blobId) for {unhashed} of "
+                            f"{params.repo_id!r}@{revision!r}, so they cannot be verified")
     return info.sha, sorted(wanted, key=lambda f: f.path)
 
 
-def _remove_stale_partials(local_dir: Path) -> None:
-    partials_dir = local_dir / ".cache" / "huggingface" / "download"
+def _is_safe_relative(path: str) -> bool:
+    """A repo path that stays inside the folder it is joined to: relative, no `..`, no drive, no backslash."""
+    if not path or path.startswith("/") or "\\" in path or ":" in path.split("/")[0]:
+        return False
+    return ".." not in path.split("/")
+
+
+def _partial_path(local_dir: Path, src: _Source, f: _RemoteFile) -> Path:
+    """Where the bytes of `f` collect until it is complete: one name per (repo, commit, file), the same in
+    every run, so a run finds -- and continues with a Range request -- what an interrupted one wrote."""
+    key = hashlib.sha256(f"{src.repo_id}\0{src.commit}\0{f.path}".encode()).hexdigest()[:16]
+    return local_dir / PARTIAL_DIR / f"{PurePosixPath(f.path).name}.{key}.part"
+
+
+def _remove_stale_partials(local_dir: Path, keep: set[str]) -> None:
+    """Delete partial files that no run of this download will continue, once older than STALE_PARTIAL_S
+    (younger ones may belong to a download still running): m3lab's own for files not wanted now (another
+    commit, other patterns) and huggingface_hub's `*.incomplete`. This download's own partials, named in
+    `keep`, stay at any age: they are what the next Range request continues."""
     now = time.time()
-    for partial in partials_dir.rglob("*.incomplete") if partials_dir.is_dir() else ():
-        try:
-            if now - partial.stat().st_mtime > STALE_PARTIAL_S:
-                logger.info("removing partial file left by an interrupted run: %s", partial)
-                partial.unlink()
-        except FileNotFoundError:
-            pass
+    for folder, pattern in ((local_dir / PARTIAL_DIR, "*.part"), (local_dir / HF_PARTIAL_DIR, "*.incomplete")):
+        for partial in folder.rglob(pattern) if folder.is_dir() else ():
+            try:
+                if partial.name not in keep and now - partial.stat().st_mtime > STALE_PARTIAL_S:
+                    logger.info("removing a partial file no download will continue: %s", partial)
+                    partial.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _looks_complete(path: Path, f: _RemoteFile) -> bool:
-    # Good enough for the space estimate; content is checked by hash after the fetch.
+    # Only for planning (space, what to fetch): content is always checked by hash before a verdict.
     return path.is_file() and path.stat().st_size == f.size
 
 
@@ -289,47 +385,155 @@ def _check_disk(local_dir: Path, needed: int, min_free_gb: float) -> None:
         )
 
 
-def _fetch(
-    params: DownloadParams,
-    endpoint: str,
-    token: str | None,
-    commit: str,
-    local_dir: Path,
-    wanted: list[_RemoteFile],
-    where: str,
-) -> None:
-    try:
-        snapshot_download(
-            params.repo_id,
-            revision=commit,
-            allow_patterns=params.allow_patterns,
-            ignore_patterns=params.ignore_patterns,
-            local_dir=local_dir,
-            endpoint=endpoint,
-            token=token,
-            max_workers=params.max_workers,
-        )
-    except Exception as err:
-        not_done = [f.path for f in wanted if not _looks_complete(local_dir / f.path, f)]
+def _fetch_verified(src: _Source, local_dir: Path, files: list[_RemoteFile], max_workers: int) -> list[ManifestFile]:
+    """Fetch `files`, hash them, and fetch any that do not match once more, from byte 0. One that still does
+    not match is deleted and raised as a DownloadError naming it, the Hub's hash and the file's."""
+    _fetch(src, local_dir, files, max_workers)
+    ok, wrong = _verify(local_dir, files)
+    if wrong:
+        logger.warning("fetching again %d file(s) that do not match the Hub's hashes: %s",
+                       len(wrong), "; ".join(f"{f.path}: {why}" for f, why in wrong))
+        retry = [f for f, _ in wrong]
+        for f in retry:
+            _discard(local_dir, src, f)
+        _fetch(src, local_dir, retry, max_workers)
+        again, wrong = _verify(local_dir, retry)
+        ok += again
+    if wrong:
+        for f, _ in wrong:
+            _discard(local_dir, src, f)  # nothing later may pick up bytes that are not the Hub's
         raise DownloadError(
-            f"{_wrap(err, params, endpoint, stage='downloading')}; not downloaded into {local_dir}: {not_done}"
-        ) from err
+            f"{len(wrong)} file(s) of {src.where} do not match the Hub's hashes, fetched twice into {local_dir}: "
+            + "; ".join(f"{f.path}: {why}" for f, why in wrong)
+        )
+    return ok
 
 
-def _verify(local_dir: Path, wanted: list[_RemoteFile]) -> tuple[list[ManifestFile], list[str]]:
-    """Hash every file; return the manifest entries and the paths that don't match what the Hub lists."""
-    cache = _HashCache(local_dir / ".cache" / "m3lab" / "hashes.json")
+def _fetch(src: _Source, local_dir: Path, files: list[_RemoteFile], max_workers: int) -> None:
+    """Fetch `files` in parallel. The first failure stops the other transfers at their next chunk, keeping
+    what they wrote for the next run, and is raised as a DownloadError. Ctrl-C stops them the same way."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(files))), thread_name_prefix="m3lab-dl") as pool:
+        futures = [pool.submit(_transfer, src, local_dir, f, stop) for f in files]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            stop.set()  # a no-op for transfers that finished
+            for future in futures:
+                future.cancel()  # those not started yet
+    for f, future in zip(files, futures, strict=True):
+        err = None if future.cancelled() else future.exception()
+        if err is not None and not isinstance(err, _Stopped):
+            not_done = [g.path for g in files if not _looks_complete(local_dir / g.path, g)]
+            wrapped = _wrap(err, src.repo_id, src.revision, src.endpoint, src.token_env, stage="downloading",
+                            local_dir=local_dir)
+            raise DownloadError(f"{wrapped} (file {f.path}); not downloaded into {local_dir}: {not_done}") from err
+
+
+def _transfer(src: _Source, local_dir: Path, f: _RemoteFile, stop: threading.Event) -> None:
+    """Fetch one file through its stable partial file: continue what an earlier run (or attempt) wrote, then
+    move it into place. On any failure the partial stays, for the next run's Range request."""
+    dest, partial = local_dir / f.path, _partial_path(local_dir, src, f)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(partial.with_name(partial.name + ".lock")):  # one writer per partial, across processes
+        if _looks_complete(dest, f):  # another run finished it while this one waited; it is hashed next
+            return
+        url, headers = _locate(src, f)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+        with os.fdopen(fd, "r+b") as fh:
+            have = fh.seek(0, os.SEEK_END)
+            if have > f.size:  # cannot be this file's prefix
+                have = fh.seek(0)
+                fh.truncate()
+            if have:
+                logger.info("resuming %s at byte %d of %d from %s", f.path, have, f.size, partial)
+            http_get(url, _StoppableWriter(fh, stop), resume_size=have, headers=headers, expected_size=f.size,
+                     displayed_filename=f.path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, dest)
+
+
+def _locate(src: _Source, f: _RemoteFile) -> tuple[str, dict[str, str]]:
+    """The URL of the bytes of `f` at the commit and the headers to send there, found as hf_hub_download
+    finds them: a HEAD of the file's /resolve URL. A redirect to another host is the CDN, and the token
+    is not sent there."""
+    url = hf_hub_url(src.repo_id, f.path, revision=src.commit, endpoint=src.endpoint)
+    location = get_hf_file_metadata(url, token=src.token, endpoint=src.endpoint).location
+    headers = build_hf_headers(token=src.token)
+    if urlsplit(location).netloc != urlsplit(url).netloc:
+        headers.pop("authorization", None)
+    return location, headers
+
+
+class _Stopped(Exception):
+    """A transfer was stopped because the run is stopping (another transfer failed, or Ctrl-C)."""
+
+
+class _StoppableWriter:
+    """The partial file as `http_get` sees it: every write first checks the run's stop flag, so a stopping
+    run ends each transfer at its next chunk instead of after the whole file."""
+
+    def __init__(self, fh, stop: threading.Event) -> None:
+        self._fh, self._stop = fh, stop
+
+    def write(self, data: bytes) -> int:
+        if self._stop.is_set():
+            raise _Stopped()
+        return self._fh.write(data)
+
+    def __getattr__(self, name: str):  # seek, tell, truncate: what http_get needs when a server ignores Range
+        return getattr(self._fh, name)
+
+
+def _discard(local_dir: Path, src: _Source, f: _RemoteFile) -> None:
+    """Delete a file that is not the Hub's, and its partial, so the next fetch of it starts from byte 0."""
+    (local_dir / f.path).unlink(missing_ok=True)
+    _partial_path(local_dir, src, f).unlink(missing_ok=True)
+
+
+def _verify(local_dir: Path, files: list[_RemoteFile]) -> tuple[list[ManifestFile], list[tuple[_RemoteFile, str]]]:
+    """Hash every file now and compare it with what the Hub lists. Returns the manifest entries of those that
+    match, and (file, what is wrong) for the others."""
     # hashlib releases the GIL on large buffers, so threads hash several big files in parallel.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        hashes = list(pool.map(lambda f: cache.hash(local_dir / f.path, f.path), wanted))
-    cache.save()
-    files, bad = [], []
-    for f, h in zip(wanted, hashes, strict=True):
-        if h is None or h[0] != f.size or (f.sha256 and h[1] != f.sha256) or (f.blob_id and h[2] != f.blob_id):
-            bad.append(f.path)
+        digests = list(pool.map(lambda f: _hash(local_dir / f.path, git_blob_id=f.blob_id is not None), files))
+    ok, wrong = [], []
+    for f, digest in zip(files, digests, strict=True):
+        if why := _mismatch(f, digest):
+            wrong.append((f, why))
         else:
-            files.append(ManifestFile(path=f.path, size=f.size, sha256=h[1]))
-    return files, bad
+            ok.append(ManifestFile(path=f.path, size=f.size, sha256=digest.sha256))
+    return ok, wrong
+
+
+def _hash(path: Path, git_blob_id: bool) -> _Digest | None:
+    """sha256 of the file (and its git blob id if asked), read from disk now; None if there is no file."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        sha256 = hashlib.sha256()
+        git = hashlib.sha1(b"blob %d\0" % size) if git_blob_id else None
+        while chunk := fh.read(HASH_CHUNK):
+            sha256.update(chunk)
+            if git is not None:
+                git.update(chunk)
+    return _Digest(size, sha256.hexdigest(), git.hexdigest() if git is not None else None)
+
+
+def _mismatch(f: _RemoteFile, digest: _Digest | None) -> str | None:
+    """What is wrong with the file on disk compared with the Hub's listing of it, or None if it matches."""
+    if digest is None:
+        return "missing"
+    if digest.size != f.size:
+        return f"size {digest.size}, the Hub lists {f.size}"
+    if f.sha256 is not None and digest.sha256 != f.sha256:
+        return f"sha256 {digest.sha256}, the Hub lists {f.sha256}"
+    if f.blob_id is not None and digest.git_blob_id != f.blob_id:
+        return f"git blob id {digest.git_blob_id}, the Hub lists {f.blob_id}"
+    return None
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -351,49 +555,11 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
 # Helpers
 
 
-class _HashCache:
-    """sha256 + git blob id per file, reused while (size, mtime) are unchanged.
-
-    Re-hashing hundreds of GB on every no-op re-run would take minutes; a file rewritten in place changes
-    its mtime, so a stale entry is never used.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.entries: dict[str, list] = json.loads(path.read_text())
-        except (FileNotFoundError, ValueError):
-            self.entries = {}
-
-    def hash(self, file: Path, key: str) -> tuple[int, str, str] | None:
-        try:
-            st = file.stat()
-        except FileNotFoundError:
-            self.entries.pop(key, None)
-            return None
-        cached = self.entries.get(key)
-        if cached is not None and cached[:2] == [st.st_size, st.st_mtime_ns]:
-            return st.st_size, cached[2], cached[3]
-        sha256, git = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % st.st_size)
-        with open(file, "rb") as fh:
-            while chunk := fh.read(HASH_CHUNK):
-                sha256.update(chunk)
-                git.update(chunk)
-        self.entries[key] = [st.st_size, st.st_mtime_ns, sha256.hexdigest(), git.hexdigest()]
-        return st.st_size, sha256.hexdigest(), git.hexdigest()
-
-    def save(self) -> None:
-        try:
-            _write_json_atomic(self.path, self.entries)
-        except OSError as err:  # only a speed-up: never fail the stage over it
-            logger.warning("could not save hash cache %s: %s", self.path, err)
-
-
-def _wrap(err: Exception, params: DownloadParams, endpoint: str, stage: str) -> DownloadError:
+def _wrap(err: Exception, repo: str, rev: str, endpoint: str, token_env: str | None, stage: str,
+          local_dir: Path | str | None = None) -> DownloadError:
     """Turn a huggingface_hub / network error into one DownloadError naming what and where."""
-    repo, rev = params.repo_id, params.revision
     url = _url_of(err)
-    token_from = f"${params.token_env}" if params.token_env else "huggingface_hub's default lookup"
+    token_from = f"${token_env}" if token_env else "huggingface_hub's default lookup"
     if isinstance(err, RevisionNotFoundError):
         return DownloadError(f"revision {rev!r} not found in repo {repo!r} at {endpoint}")
     if isinstance(err, RemoteEntryNotFoundError):
@@ -411,10 +577,9 @@ def _wrap(err: Exception, params: DownloadParams, endpoint: str, stage: str) -> 
     if isinstance(err, OfflineModeIsEnabled):
         return DownloadError(f"HF_HUB_OFFLINE is set, so {endpoint} was not asked for {repo!r}@{rev!r}")
     if isinstance(err, (httpx.HTTPError, LocalEntryNotFoundError)):
-        # snapshot_download reports an unreachable endpoint as LocalEntryNotFoundError (nothing cached).
         return DownloadError(f"cannot reach {endpoint} while {stage} {repo!r}@{rev!r}: {type(err).__name__}")
     if isinstance(err, OSError):
-        return DownloadError(f"I/O error while {stage} {repo!r}@{rev!r} into {params.local_dir}: {err}")
+        return DownloadError(f"I/O error while {stage} {repo!r}@{rev!r} into {local_dir}: {err}")
     return DownloadError(f"{type(err).__name__} while {stage} {repo!r}@{rev!r} from {endpoint}: {err}")
 
 
@@ -471,18 +636,22 @@ def _embedded_checkpoint(cache_dir: Path, overrides: dict, seed: int) -> Path:
 
 def run_stage(ctx) -> dict:
     """Download the profile's checkpoint. `model.source: embedded` builds the tiny M3 and serves it from a
-    LocalHub on 127.0.0.1 for the duration of the download: the real client does a real HTTP download."""
+    LocalHub on 127.0.0.1 for the duration of the download: the real client does a real HTTP download.
+
+    The revision is resolved to its commit first, and the default folder is named after that commit
+    (`<cache>/models/<repo_id>/<commit>`): two profiles whose weights share a branch name get two folders."""
 
     model, cfg = ctx.params["model"], ctx.params["download"]
     # `use: published` fetches the card's own quantized checkpoint instead of the base model.
     published = model.get("use") == "published" and model.get("published")
     repo_id = model["published"] if published else model["repo_id"]
     revision = (model.get("published_revision") or "main") if published else model["revision"]
-    local_dir = cfg["local_dir"] or str(ctx.cache_dir / "models" / repo_id / revision)
 
     def fetch(endpoint: str | None) -> DownloadResult:
+        commit = resolve_commit(repo_id, revision, endpoint=endpoint, token_env=cfg["token_env"])
+        local_dir = cfg["local_dir"] or str(ctx.cache_dir / "models" / repo_id / commit)
         return download(DownloadParams(
-            repo_id=repo_id, revision=revision, local_dir=local_dir, result_dir=str(ctx.stage_dir),
+            repo_id=repo_id, revision=revision, commit=commit, local_dir=local_dir, result_dir=str(ctx.stage_dir),
             allow_patterns=cfg["allow_patterns"], ignore_patterns=cfg["ignore_patterns"], endpoint=endpoint,
             token_env=cfg["token_env"], min_free_gb=cfg["min_free_gb"],
         ))

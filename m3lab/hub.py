@@ -3,7 +3,8 @@
 The download stage always goes through the real `huggingface_hub` client. On GPU boxes that client
 talks to the real Hub; for the embedded default (no internet) it talks to this server on 127.0.0.1,
 passed as `endpoint=`. The server implements exactly what huggingface_hub 1.33's `snapshot_download`,
-`hf_hub_download` and `HfApi.model_info` ask for (read from the client source, then checked by running it):
+`hf_hub_download`, `get_hf_file_metadata`, `http_get` and `HfApi.model_info` ask for (read from the client
+source, then checked by running it):
 
     GET  /api/models/{repo}[/revision/{rev}]      repo info: `sha`, `siblings` (+ size/blobId/lfs with ?blobs=true)
     GET  /api/models/{repo}/tree/{rev}[/{path}]   tree listing (?recursive=true), used by snapshot_download
@@ -22,7 +23,12 @@ sha derived from the files' content, so the same folder always gets the same sha
 A file deleted from the folder afterwards is answered with 404 EntryNotFound ("gone from the server").
 
 Requests are recorded in `LocalHub.requests` (method, path, Range header, and whether an Authorization
-header was present -- never its value). Nothing here logs or echoes request headers.
+header was present -- never its value), and `bytes_sent(path)` counts the file bytes each file cost. Nothing
+here logs or echoes request headers.
+
+Fault injection, for tests: `drop_connection_once` hangs up mid-file once (the client's own retry resumes it
+within the run); `interrupt` hangs up and then refuses the file with 503 until `restore`, so the run ends
+with a partial file on disk -- what a killed or failed run leaves for the next one to resume.
 """
 
 from __future__ import annotations
@@ -168,6 +174,8 @@ class LocalHub:
         self._token = token
         self._lock = threading.Lock()
         self._drops: dict[str, int] = {}
+        self._outages: set[str] = set()
+        self._sent: dict[str, int] = {}
         self._conns: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -235,6 +243,25 @@ class LocalHub:
         with self._lock:
             self._drops[path_in_repo] = after_bytes
 
+    def interrupt(self, path_in_repo: str, after_bytes: int) -> None:
+        """Fault injection: an interrupted transfer. The next GET of that file's bytes sends `after_bytes` bytes
+        and hangs up; every later GET of them is answered 503 until `restore(path_in_repo)`, so the client's
+        in-run retry fails too and the run ends with whatever it had written."""
+        with self._lock:
+            self._drops[path_in_repo] = after_bytes
+            self._outages.add(path_in_repo)
+
+    def restore(self, path_in_repo: str) -> None:
+        """End an `interrupt`: that file is served normally again."""
+        with self._lock:
+            self._drops.pop(path_in_repo, None)
+            self._outages.discard(path_in_repo)
+
+    def bytes_sent(self, path_in_repo: str) -> int:
+        """File bytes of `path_in_repo` written to clients so far, over every GET (resolve or CDN)."""
+        with self._lock:
+            return self._sent.get(path_in_repo, 0)
+
     def file_gets(self) -> list[RequestRecord]:
         """GET requests that transferred file bytes (resolve or CDN), oldest first."""
         with self._lock:
@@ -249,6 +276,14 @@ class LocalHub:
     def _take_drop(self, path_in_repo: str) -> int | None:
         with self._lock:
             return self._drops.pop(path_in_repo, None)
+
+    def _in_outage(self, path_in_repo: str) -> bool:
+        with self._lock:
+            return path_in_repo in self._outages
+
+    def _count_sent(self, path_in_repo: str, n: int) -> None:
+        with self._lock:
+            self._sent[path_in_repo] = self._sent.get(path_in_repo, 0) + n
 
     def _authorized(self, header: str | None) -> bool:
         if self._token is None:
@@ -401,6 +436,10 @@ class _Handler(BaseHTTPRequestHandler):
     # -- responses
 
     def _file(self, f: _File, headers: dict[str, str], head: bool) -> None:
+        # Injected faults apply to GETs of the bytes only; a pending cut is served before an outage refuses.
+        cut = None if head else self.hub._take_drop(f.path)
+        if cut is None and not head and self.hub._in_outage(f.path):
+            return self._error(503, None, "Service Unavailable (injected outage)", head)
         start, end = 0, f.size - 1
         status = 200
         if (rng := self.headers.get("Range")) is not None:
@@ -418,7 +457,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head:
             return
-        cut = self.hub._take_drop(f.path)
         with open(f.source, "rb") as src:
             src.seek(start)
             sent = 0
@@ -430,9 +468,11 @@ class _Handler(BaseHTTPRequestHandler):
                     # Injected fault: send up to `cut` bytes and hang up, like a dropped connection.
                     self.wfile.write(chunk[: max(cut - sent, 0)])
                     self.wfile.flush()
+                    self.hub._count_sent(f.path, max(cut - sent, 0))
                     self.close_connection = True
                     return
                 self.wfile.write(chunk)
+                self.hub._count_sent(f.path, len(chunk))
                 sent += len(chunk)
 
     def _json(self, status: int, payload: object, head: bool) -> None:

@@ -24,14 +24,14 @@ import bisect
 import json
 import random
 import re
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from m3lab.client import endpoint_url
-from m3lab.serve import ensure_alive
+from m3lab import transport
+from m3lab.params import Needle
+from m3lab.procs import ensure_alive
 
 __all__ = [
     "run_stage",
@@ -48,7 +48,7 @@ __all__ = [
     "NeedlePrompt",
     "build_prompt",
     "max_context_from_config",
-    "NeedleConfig",
+    "NeedleTarget",
     "NeedleCell",
     "NeedleResult",
     "plan_grid",
@@ -260,25 +260,17 @@ def max_context_from_config(model_dir: str | Path) -> int:
 
 
 @dataclass
-class NeedleConfig:
+class NeedleTarget:
+    """Where the grid is sent. The grid itself (lengths, depths, max_tokens, seed, timeout) is the params
+    section `needle` (m3lab.params.Needle): the only declaration of those settings and their defaults."""
+
     base_url: str  # server root "http://127.0.0.1:8000" (a trailing "/v1" is tolerated)
     model: str
     tokenizer_dir: str
-    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
-    depths: list[float] = field(default_factory=lambda: [0, 25, 50, 75, 100])
-    max_tokens: int = 8  # "48213." fits in a few tokens; more only adds latency
     max_context: int | None = None  # None: max_position_embeddings of tokenizer_dir/config.json
-    seed: int = 0
     endpoint: str = "/v1/completions"
-    request_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if not self.lengths or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.lengths):
-            raise ValueError(f"lengths must be a non-empty list of positive ints (tokens), got {self.lengths!r}")
-        if not self.depths or any(not 0 <= float(d) <= 100 for d in self.depths):
-            raise ValueError(f"depths must be a non-empty list of percents in [0, 100], got {self.depths!r}")
-        if int(self.max_tokens) < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
         if self.max_context is not None and int(self.max_context) < 1:
             raise ValueError(f"max_context must be >= 1, got {self.max_context!r}")
 
@@ -372,13 +364,13 @@ def _load_tokenizer(tokenizer_dir: str):
         raise ValueError(f"tokenizer_dir={tokenizer_dir!r}: cannot load a tokenizer ({e})") from e
 
 
-def run_needle(cfg: NeedleConfig, tokenizer=None) -> NeedleResult:
+def run_needle(target: NeedleTarget, grid: Needle, tokenizer=None) -> NeedleResult:
     """Greedy completions for every cell that fits; raises NeedleError if every request failed."""
+    cfg = target
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg.tokenizer_dir)
     max_ctx = int(cfg.max_context) if cfg.max_context is not None else max_context_from_config(cfg.tokenizer_dir)
-    cells = plan_grid(cfg.lengths, cfg.depths, int(cfg.max_tokens), max_ctx)
-    hay = Haystack(tokenizer, cfg.seed)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local servers: never via a proxy
+    cells = plan_grid(grid.lengths, grid.depths, grid.max_tokens, max_ctx)
+    hay = Haystack(tokenizer, grid.seed)
     unreachable = ""  # once the server refuses connections, later cells would only wait and fail
     for c in cells:
         if not c.ran:
@@ -386,19 +378,19 @@ def run_needle(cfg: NeedleConfig, tokenizer=None) -> NeedleResult:
         if unreachable:
             c.status, c.error = "error", f"not sent: {unreachable}"
             continue
-        c.key = make_key(cfg.seed, c.length, c.depth)
+        c.key = make_key(grid.seed, c.length, c.depth)
         p = build_prompt(tokenizer, c.length, c.depth, c.key, haystack=hay)
         c.n_tokens, c.measured_depth = p.n_tokens, round(p.measured_depth, 2)
-        body = {"model": cfg.model, "prompt": p.text, "max_tokens": int(cfg.max_tokens), "temperature": 0.0}
-        req = urllib.request.Request(cfg.url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        body = {"model": cfg.model, "prompt": p.text, "max_tokens": grid.max_tokens, "temperature": 0.0}
         try:
-            with opener.open(req, timeout=cfg.request_timeout_s) as r:
-                c.completion = json.loads(r.read())["choices"][0]["text"]
+            status, answer = transport.post_json(cfg.url, body, grid.request_timeout_s)
+            if status != 200:
+                detail = answer if isinstance(answer, str) else json.dumps(answer)
+                c.status, c.error = "error", f"HTTP {status} from {cfg.url}: {detail[:300]}"
+                continue
+            c.completion = answer["choices"][0]["text"]
             c.status = "hit" if score_completion(c.completion, c.key) else "miss"
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")[:300]
-            c.status, c.error = "error", f"HTTP {e.code} from {cfg.url}: {detail}"
-        except (urllib.error.URLError, ConnectionError) as e:  # refused/reset: the server is gone
+        except transport.TransportError as e:  # refused/reset/timed out: the server may be gone
             c.status, c.error = "error", f"{type(e).__name__} from {cfg.url}: {e}"
             unreachable = f"server at {cfg.url} unreachable since length={c.length} depth={c.depth}"
         except Exception as e:  # noqa: BLE001 - one bad cell (timeout, bad JSON) must not lose the others
@@ -406,7 +398,7 @@ def run_needle(cfg: NeedleConfig, tokenizer=None) -> NeedleResult:
     ran = [c for c in cells if c.ran]
     if ran and all(c.status == "error" for c in ran):
         raise NeedleError(f"needle: all {len(ran)} requests to {cfg.url} failed; first error: {ran[0].error}")
-    return NeedleResult(lengths=[int(n) for n in cfg.lengths], depths=[float(d) for d in cfg.depths],
+    return NeedleResult(lengths=list(grid.lengths), depths=list(grid.depths),
                         max_context=max_ctx, cells=cells)
 
 
@@ -415,11 +407,9 @@ def run_stage(ctx) -> dict[str, Any]:
     cfg, model = ctx.params["needle"], ctx.params["model"]
     serve = ctx.upstream("serve")
     server = serve["server"]
-    result = run_needle(NeedleConfig(
-        base_url=server["base_url"], model=server["model"], tokenizer_dir=serve["tokenizer_dir"],
-        lengths=cfg["lengths"], depths=cfg["depths"], max_tokens=cfg["max_tokens"],
-        max_context=model["max_model_len"], seed=cfg["seed"],
-    ))
+    result = run_needle(NeedleTarget(base_url=server["base_url"], model=server["model"],
+                                     tokenizer_dir=serve["tokenizer_dir"], max_context=model["max_model_len"]),
+                        Needle.model_validate(cfg))
     if any(c.status == "error" for c in result.cells):
         ensure_alive(server)  # a dead server fails the stage with its log tail; a live one's errors stay misses
     return result.to_dict()

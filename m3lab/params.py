@@ -249,10 +249,11 @@ class Correctness(_Section):
 
 
 class Needle(_Section):
-    lengths: list[int] = Field(min_length=1)
-    depths: list[float] = Field(min_length=1)
-    max_tokens: int = Field(8, gt=0)
+    lengths: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)  # prompt tokens
+    depths: list[float] = Field(min_length=1)  # where the key sits, % of the prompt
+    max_tokens: int = Field(8, gt=0)  # "48213." fits in a few tokens; more only adds latency
     seed: int = 0
+    request_timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("depths")
     @classmethod
@@ -264,14 +265,22 @@ class Needle(_Section):
 
 
 class Benchmark(_Section):
-    concurrency: list[int] = Field(min_length=1)
-    num_prompts: int = Field(8, gt=0)
-    input_len: int = Field(128, gt=0)
-    output_len: int = Field(32, gt=0)
-    ignore_eos: bool = True
-    seed: int = 0
-    request_timeout_s: float = Field(300.0, gt=0)
-    crosscheck_vllm_bench: bool = False  # also run `vllm bench serve` at each level and report both clients
+    """The benchmark's load (m3lab.benchmark). This is the only declaration of each setting and its default;
+    the stage receives this section as it is."""
+
+    concurrency: list[Annotated[int, Field(ge=1, le=4096)]] = Field(min_length=1, max_length=64)  # levels, in order
+    num_prompts: int = Field(8, gt=0, le=100_000)  # timed requests per concurrency level
+    input_len: int = Field(128, gt=0, le=1_048_576)  # prompt tokens (local tokenizer, without special tokens)
+    output_len: int = Field(32, gt=0, le=1_048_576)  # max_tokens
+    ignore_eos: bool = True  # ask for exactly output_len tokens, the engine's way (engines.*.force_output_len)
+    temperature: float = Field(0.0, ge=0, le=2, allow_inf_nan=False)  # 0: greedy
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    # Untimed requests before each level's timed part = warmup_factor × concurrency, sent at that concurrency so at
+    # least one full batch has run (InferenceX: 2 × conc). 0: no warm-up.
+    warmup_factor: int = Field(2, ge=0, le=16)
+    request_timeout_s: float = Field(300.0, gt=0, le=86_400, allow_inf_nan=False)  # one request, connect to last byte
+    total_timeout_s: float = Field(3600.0, gt=0, le=7 * 86_400, allow_inf_nan=False)  # the whole sweep, warm-ups too
+    crosscheck_vllm_bench: bool = False  # also run `vllm bench serve` at each level; agree within ±10%, or disagree
 
 
 class Plot(_Section):

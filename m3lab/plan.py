@@ -129,6 +129,8 @@ def format_plan(plan: Plan) -> str:
     out = [f"profile {plan.profile}"]
     if plan.card:
         out.append(f"card {plan.card['id']}: {plan.card['title']} — {plan.card['url']}")
+        if plan.card.get("seed_file"):
+            out.append(f"card text: shared/seeds/{plan.card['seed_file']}")
     for stage, lines in plan.stages.items():
         out.append(f"\n[{stage}]")
         out += [f"  {line}" for line in lines]

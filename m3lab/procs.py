@@ -13,11 +13,13 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from typing import Any
+
+from m3lab import transport
 
 __all__ = [
+    "ensure_alive",
     "ServerDied",
     "free_port",
     "port_is_free",
@@ -95,6 +97,20 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def ensure_alive(server: dict[str, Any], settle_s: float = 2.0) -> None:
+    """Raise ServerDied with the log tail if the server process is gone (call it when a request fails).
+
+    A killed server's socket closes a moment before its pid is reaped, so give a dying process `settle_s` to
+    finish dying before calling it alive; only requests that failed against a live server pay that wait."""
+    deadline = time.monotonic() + settle_s
+    while pid_alive(server["pid"]):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+    raise ServerDied(f"the {server['engine']} server (pid {server['pid']}, {server['base_url']}) died; "
+                     f"log tail of {server['log_path']}:\n{log_tail(server['log_path'])}")
+
+
 def wait_for_server_ready(url: str, pid: int, timeout_s: float, log_path: Path, poll_s: float = 0.5) -> float:
     """Poll `url` until it answers 200; returns seconds waited. Fails fast if the process exits."""
     t0 = time.monotonic()
@@ -103,10 +119,9 @@ def wait_for_server_ready(url: str, pid: int, timeout_s: float, log_path: Path, 
             raise ServerDied(f"server (pid {pid}) exited before it became healthy; log tail of {log_path}:\n"
                              f"{log_tail(log_path)}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return time.monotonic() - t0
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            if transport.get_text(url, 5.0)[0] == 200:
+                return time.monotonic() - t0
+        except transport.TransportError:
             pass
         if time.monotonic() - t0 > timeout_s:
             raise ServerDied(f"server (pid {pid}) not healthy at {url} after {timeout_s:g}s; "

@@ -32,9 +32,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     if download.get("published"):
         # The card's own checkpoint is already quantized with this recipe: serve it as downloaded, and let the
         # report say what is actually on disk (formats and bits per weight are read from the files).
-        recipe = QuantRecipe(recipe="none", verify=cfg["verify"])
+        recipe = QuantRecipe.from_params({"recipe": "none", "verify": cfg["verify"]})
     else:
-        recipe = QuantRecipe(recipe=cfg["recipe"], ignore=cfg["ignore"], verify=cfg["verify"])
+        recipe = QuantRecipe.from_params({k: cfg[k] for k in ("recipe", "ignore", "verify")})
     code = code_digest(["m3lab.quant.core", RECIPES.get(recipe.recipe).module])
     key = hashlib.sha256(json.dumps([download["commit"], download["model_dir"], cfg, code],
                                     sort_keys=True).encode()).hexdigest()[:16]

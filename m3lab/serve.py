@@ -18,18 +18,17 @@ import shlex
 import shutil
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from m3lab import procs
+from m3lab import client, procs
 from m3lab.registry import ENGINES
 from m3lab.stage import StageContext, StageError, read_json, write_json
 from m3lab.vllm_obs import decisive_lines
 
-__all__ = ["ServerRecord", "build_command", "display_command", "check_engine", "start_server", "ensure_alive",
+__all__ = ["ServerRecord", "build_command", "display_command", "check_engine", "start_server",
            "stop_server", "stop_all", "run_stage"]
 
 
@@ -117,20 +116,6 @@ def start_server(engine: str, model_dir: str, serve: dict[str, Any], run_dir: Pa
     return rec
 
 
-def ensure_alive(server: dict[str, Any], settle_s: float = 2.0) -> None:
-    """Raise ServerDied with the log tail if the server process is gone (call it when a request fails).
-
-    A killed server's socket closes a moment before its pid is reaped, so give a dying process `settle_s` to
-    finish dying before calling it alive; only requests that failed against a live server pay that wait."""
-    deadline = time.monotonic() + settle_s
-    while procs.pid_alive(server["pid"]):
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
-    raise procs.ServerDied(f"the {server['engine']} server (pid {server['pid']}, {server['base_url']}) died; "
-                           f"log tail of {server['log_path']}:\n{procs.log_tail(server['log_path'])}")
-
-
 def stop_server(server: dict[str, Any], grace_s: float = 15.0) -> bool:
     return procs.stop_process_tree(server["pid"], grace_s)
 
@@ -150,14 +135,10 @@ def stop_all(run_dir: Path) -> list[str]:
 
 def _smoke(rec: ServerRecord) -> dict[str, Any]:
     """One greedy completion: proves the server answers, and warms it up before anything is timed."""
-    body = json.dumps({"model": rec.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode()
-    req = urllib.request.Request(f"{rec.base_url}/completions", body, {"Content-Type": "application/json"})
     t0 = time.monotonic()
     try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            out = json.loads(r.read())
-    except Exception as e:
-        ensure_alive(asdict(rec))
+        out = client.complete(asdict(rec), "Hello", 4)  # a dead server raises ServerDied with its log tail
+    except client.RequestFailed as e:
         raise StageError(f"serve: the server at {rec.base_url} is up but /completions failed: {e}") from e
     return {"first_completion_s": round(time.monotonic() - t0, 3), "text": out["choices"][0]["text"]}
 

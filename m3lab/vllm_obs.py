@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
+
+from m3lab import transport
 
 __all__ = ["RankFacts", "VllmLogFacts", "parse_server_log", "decisive_lines", "MetricsUnavailable",
            "parse_prometheus", "scrape_metrics", "metrics_delta", "summarize_metrics", "histogram_quantile"]
@@ -497,12 +497,11 @@ def scrape_metrics(base_url: str, timeout: float = 10.0) -> dict[str, dict[str, 
     """GET <root>/metrics (base_url may be the server root or its `/v1` API base) and parse it."""
     url = _metrics_url(base_url)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            body = r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        raise MetricsUnavailable(f"{url} answered HTTP {e.code} (not a vLLM server, or metrics are off)") from None
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        status, body = transport.get_text(url, timeout)
+    except transport.TransportError as e:
         raise MetricsUnavailable(f"{url} could not be read: {e}") from None
+    if status != 200:
+        raise MetricsUnavailable(f"{url} answered HTTP {status} (not a vLLM server, or metrics are off)")
     parsed = parse_prometheus(body)
     if not parsed:
         raise MetricsUnavailable(f"{url} answered, but not in the Prometheus text format: {body[:200]!r}")

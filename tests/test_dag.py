@@ -251,3 +251,17 @@ def test_the_engine_a_profile_picks_is_in_serves_closure(params):
     assert "m3lab.engines.transformers" in mods and "m3lab.engines.vllm" not in mods
     resolved["serve"]["engine"] = "vllm"
     assert "m3lab.engines.vllm" in dag.stage_modules(STAGES["serve"], resolved)
+
+
+def test_a_plan_only_profile_is_refused_by_run_before_anything_is_written(tmp_path):
+    import yaml
+
+    from m3lab.dag import run
+    from m3lab.params import PARAMS_DIR
+
+    p = tmp_path / "plan-only.yaml"
+    p.write_text(yaml.safe_dump({"extends": str(PARAMS_DIR / "cpu-tiny.yaml"), "profile": "plan-only",
+                                 "plan_only": True}))
+    with pytest.raises(RunError, match=r"profile plan-only is plan-only .* `m3lab plan plan-only`"):
+        run(p, root=tmp_path / "results")
+    assert not (tmp_path / "results").exists()

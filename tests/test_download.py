@@ -2,7 +2,12 @@
 
 No mocks: every test publishes a small model folder (config, safetensors weights, tokenizer, and a 12 MiB
 blob that takes the Hub's large-file / LFS path) and downloads it with `m3lab.download.download`.
-The hub's request log stands in for a packet capture: it says which files were fetched and how.
+The hub's request log stands in for a packet capture: it says which files were fetched and how, and
+`hub.bytes_sent(path)` what they cost.
+
+Every detector has a test where it must fire and one where it must not: corrupt files on disk (a flipped
+byte with the mtime kept), a server whose bytes do not match its own listing, partial files (resumed,
+another commit's, corrupt, oversized, stale), and the commit-keyed download folder.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -21,8 +27,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from m3lab.download import MANIFEST_NAME, DownloadError, DownloadParams, download
+import m3lab.hub
+from m3lab.download import (
+    MANIFEST_NAME,
+    PARTIAL_DIR,
+    STALE_PARTIAL_S,
+    DownloadError,
+    DownloadParams,
+    download,
+    resolve_commit,
+    run_stage,
+)
 from m3lab.hub import LocalHub
+from m3lab.stage import StageContext
 
 REPO = "m3lab/tiny-test"
 BIG = "big.bin"  # > 10 MiB: served like an LFS file (redirect to the "CDN", X-Linked-Etag/Size)
@@ -32,6 +49,24 @@ FAKE_TOKEN = "hf_m3labFakeTokenNeverToBeSeen0123456789"
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def flip_byte_keep_mtime(path: Path, offset: int) -> None:
+    """Corrupt one byte in place, then put the timestamps back: size and mtime say the file is unchanged."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def partials(local_dir: str | Path) -> list[Path]:
+    """m3lab's partial files (bytes of files not yet complete) in a download folder."""
+    folder = Path(local_dir) / PARTIAL_DIR
+    return sorted(folder.glob("*.part")) if folder.is_dir() else []
 
 
 def fetched(hub: LocalHub, name: str) -> list:
@@ -148,6 +183,9 @@ def test_second_run_fetches_nothing(hub, make_params):
     assert [r.method for r in again] == ["GET"] and "/api/models/" in again[0].path  # only the preflight listing
     assert result.fetched_files == ()
     assert elapsed < 2.0, f"no-op re-run took {elapsed:.2f}s"
+    # Nothing fetched, yet every hash in the manifest was computed from the file in this run.
+    for f in json.loads(result.manifest_path.read_text())["files"]:
+        assert f["sha256"] == sha256(result.local_dir / f["path"])
 
 
 def test_dropped_connection_resumes_with_range_request(source, hub, make_params):
@@ -168,13 +206,19 @@ def test_rerun_after_failed_run_fetches_only_missing_files(source, hub, make_par
         download(params)
     assert not Path(params.result_dir, MANIFEST_NAME).exists()
     shutil.move(tmp_path / "away.bin", source / BIG)  # ...and has it back
+    # The client fetches files in parallel: which small files finished before the failure stopped the others
+    # depends on timing. Those that did must not be fetched again.
+    complete = {p.relative_to(params.local_dir).as_posix() for p in Path(params.local_dir).rglob("*")
+                if p.is_file() and ".cache" not in p.parts}
     before = len(hub.file_gets())
 
     result = download(params)
 
     refetched = hub.file_gets()[before:]
-    assert len(refetched) == 1 and refetched[0].path.startswith("/_cdn/")
-    assert result.fetched_files == (BIG,)
+    assert sum(r.path.startswith("/_cdn/") for r in refetched) == 1  # the big file, once
+    again = [r.path.rsplit("/", 1)[-1] for r in refetched if not r.path.startswith("/_cdn/")]
+    assert not set(again) & complete, f"refetched files that were already complete: {set(again) & complete}"
+    assert BIG in result.fetched_files and not set(result.fetched_files) & complete
     assert sha256(result.local_dir / BIG) == sha256(source / BIG)
 
 
@@ -191,6 +235,241 @@ def test_truncated_local_file_is_detected_and_refetched(source, hub, make_params
     assert len(hub.file_gets()[before:]) == 1
     assert sha256(local_big) == sha256(source / BIG)
     assert {f.path: f.sha256 for f in result.files}[BIG] == sha256(source / BIG)
+
+
+# -----------------------------------------------------------------------------
+# corrupt files: hashes are recomputed for every verdict, never taken from size + mtime
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", BIG])  # checked by git blob id / by LFS sha256
+def test_flipped_byte_with_mtime_kept_is_caught_and_refetched(source, hub, make_params, name):
+    params = make_params()
+    download(params)
+    local = Path(params.local_dir) / name
+    flip_byte_keep_mtime(local, offset=local.stat().st_size // 2)
+    before = len(fetched(hub, name))
+
+    result = download(params)
+
+    assert len(fetched(hub, name)) == before + 1  # that file, once
+    assert result.fetched_files == (name,)
+    assert sha256(local) == sha256(source / name)
+    manifest = {f["path"]: f["sha256"] for f in json.loads(result.manifest_path.read_text())["files"]}
+    assert manifest[name] == sha256(local)  # the file's real hash, not a remembered one
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", BIG])
+def test_server_bytes_that_never_match_fail_naming_file_and_both_hashes(source, hub, make_params, name):
+    listed = hub._repos[REPO].files[name]
+    flip_byte_keep_mtime(source / name, offset=7)  # the hub now serves bytes its own listing does not vouch for
+    actual = sha256(source / name)
+    params = make_params()
+
+    with pytest.raises(DownloadError) as exc:
+        download(params)
+
+    message = str(exc.value)
+    expected = listed.sha256 if listed.lfs else listed.oid
+    assert name in message and expected in message and REPO in message
+    if listed.lfs:
+        assert actual in message
+    else:
+        assert "git blob id" in message
+    assert len(fetched(hub, name)) == 2  # fetched once more from byte 0, then given up
+    assert fetched(hub, name)[1].range is None
+    assert not (Path(params.local_dir) / name).exists()  # nothing later may pick up the wrong bytes
+    assert not Path(params.result_dir, MANIFEST_NAME).exists()
+
+
+def test_listing_without_hashes_is_refused(hub, make_params, monkeypatch):
+    def sibling_without_hashes(self, with_blobs):
+        return {"rfilename": self.path, "size": self.size}  # sizes, but no blobId / lfs.sha256
+
+    monkeypatch.setattr(m3lab.hub._File, "sibling", sibling_without_hashes)
+    with pytest.raises(DownloadError, match="did not report hashes.*cannot be verified"):
+        download(make_params())
+    assert hub.file_gets() == []
+
+
+@pytest.mark.parametrize("evil", ["../escaped.json", "/tmp/m3lab-escaped.json", "sub/../../escaped.json"])
+def test_listed_paths_outside_the_folder_are_refused(hub, make_params, monkeypatch, tmp_path, evil):
+    real = m3lab.hub._File.sibling
+
+    def sibling(self, with_blobs):
+        entry = real(self, with_blobs)
+        return entry | {"rfilename": evil} if self.path == "config.json" else entry
+
+    monkeypatch.setattr(m3lab.hub._File, "sibling", sibling)
+    with pytest.raises(DownloadError, match="unsafe file paths"):
+        download(make_params())
+    assert hub.file_gets() == [] and not (tmp_path / "escaped.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# resume across runs: the partial file is named by (repo, commit, file), the same in every run
+
+CUT = 11_000_000  # the client writes 10 MiB chunks: an interruption past 10 MiB leaves 10 MiB on disk
+CHUNK = 10 * 1024 * 1024
+
+
+def interrupted_run(hub: LocalHub, params: DownloadParams) -> Path:
+    """A run whose big-file transfer is cut mid-way (and the server then refuses it): returns its partial."""
+    hub.interrupt(BIG, after_bytes=CUT)
+    with pytest.raises(DownloadError) as exc:
+        download(params)
+    assert BIG in str(exc.value) and "503" in str(exc.value)
+    assert not Path(params.result_dir, MANIFEST_NAME).exists()
+    (partial,) = partials(params.local_dir)
+    assert partial.stat().st_size == CHUNK
+    return partial
+
+
+def test_interrupted_download_is_continued_by_the_next_run_with_range(source, hub, make_params):
+    params = make_params()
+    partial = interrupted_run(hub, params)
+    sent_before = hub.bytes_sent(BIG)
+
+    # The next run: another process, another server port -- the same repo, commit and file.
+    with LocalHub({REPO: source}) as next_hub:
+        result = download(dataclasses.replace(params, endpoint=next_hub.endpoint))
+        (get,) = fetched(next_hub, BIG)
+        resent = next_hub.bytes_sent(BIG)
+
+    assert get.range == f"bytes={CHUNK}-"
+    assert resent == BIG_SIZE - CHUNK  # before: the whole BIG_SIZE again
+    assert sent_before == CUT
+    assert sha256(result.local_dir / BIG) == sha256(source / BIG)
+    assert {f.path: f.sha256 for f in result.files}[BIG] == sha256(source / BIG)
+    assert not partial.exists() and partials(params.local_dir) == []
+
+
+def test_partial_of_another_commit_is_not_continued(source, hub, make_params, tmp_path):
+    params = make_params()
+    old_partial = interrupted_run(hub, params)
+    (source / BIG).write_bytes(random.Random(1).randbytes(BIG_SIZE))  # new weights, new commit
+
+    with LocalHub({REPO: source}) as new_hub:
+        assert new_hub.commit(REPO) != hub.commit(REPO)
+        result = download(dataclasses.replace(params, endpoint=new_hub.endpoint, revision=new_hub.commit(REPO)))
+        (get,) = fetched(new_hub, BIG)
+
+    assert get.range is None  # the other commit's bytes are not a prefix of this file
+    assert sha256(result.local_dir / BIG) == sha256(source / BIG)
+    assert old_partial.exists()  # young: another run may still be continuing it
+
+
+def test_corrupt_partial_is_caught_and_fetched_again_from_byte_0(source, hub, make_params):
+    params = make_params()
+    partial = interrupted_run(hub, params)
+    flip_byte_keep_mtime(partial, offset=1234)
+    hub.restore(BIG)
+    before = len(fetched(hub, BIG))
+
+    result = download(params)
+
+    resumed, from_scratch = fetched(hub, BIG)[before:]
+    assert resumed.range == f"bytes={CHUNK}-" and from_scratch.range is None
+    assert sha256(result.local_dir / BIG) == sha256(source / BIG)
+    assert {f.path: f.sha256 for f in result.files}[BIG] == sha256(source / BIG)
+
+
+def test_partial_longer_than_the_file_is_started_over(source, hub, make_params):
+    params = make_params()
+    partial = interrupted_run(hub, params)
+    partial.write_bytes(b"x" * (BIG_SIZE + 1))  # cannot be a prefix of the file
+    hub.restore(BIG)
+    before = len(fetched(hub, BIG))
+
+    result = download(params)
+
+    (get,) = fetched(hub, BIG)[before:]
+    assert get.range is None
+    assert sha256(result.local_dir / BIG) == sha256(source / BIG)
+
+
+def test_stale_partials_of_other_downloads_are_removed_and_this_ones_kept(source, hub, make_params):
+    params = make_params()
+    own = interrupted_run(hub, params)
+    hub.restore(BIG)
+    local_dir = Path(params.local_dir)
+    old = time.time() - STALE_PARTIAL_S - 60
+    foreign_old = local_dir / PARTIAL_DIR / "other.0123456789abcdef.part"
+    foreign_young = local_dir / PARTIAL_DIR / "other.fedcba9876543210.part"
+    client_old = local_dir / ".cache" / "huggingface" / "download" / "abc.etag.1234abcd.incomplete"
+    for path in (foreign_old, foreign_young, client_old):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"left over")
+    for path in (foreign_old, client_old, own):
+        os.utime(path, (old, old))  # `own` is old too: its age must not matter
+
+    result = download(params)
+
+    assert not foreign_old.exists() and not client_old.exists()
+    assert foreign_young.exists()
+    (get,) = fetched(hub, BIG)[-1:]
+    assert get.range == f"bytes={CHUNK}-"  # this download's own partial was continued, however old
+    assert sha256(result.local_dir / BIG) == sha256(source / BIG)
+
+
+# -----------------------------------------------------------------------------
+# the download folder is named by the resolved commit, not the branch
+
+
+def stage_context(tmp_path: Path, endpoint: str, run: str) -> StageContext:
+    params = {
+        "model": {"source": "hub", "repo_id": REPO, "revision": "main", "use": "reproduce", "published": None,
+                  "published_revision": None},
+        "download": {"allow_patterns": None, "ignore_patterns": None, "endpoint": endpoint,
+                     "token_env": "M3LAB_TEST_TOKEN_UNSET", "local_dir": None, "min_free_gb": 0.0},
+    }
+    return StageContext(stage="download", profile="t", run_dir=tmp_path / run, params=params,
+                        cache_dir=tmp_path / "cache")
+
+
+def test_other_weights_under_the_same_branch_get_their_own_folder(source, tmp_path):
+    other = tmp_path / "other-weights"
+    shutil.copytree(source, other)
+    (other / BIG).write_bytes(random.Random(2).randbytes(BIG_SIZE))
+    with LocalHub({REPO: source}) as hub_a, LocalHub({REPO: other}) as hub_b:
+        a = run_stage(stage_context(tmp_path, hub_a.endpoint, "run-a"))
+        b = run_stage(stage_context(tmp_path, hub_b.endpoint, "run-b"))
+        commits = hub_a.commit(REPO), hub_b.commit(REPO)
+
+    assert (a["revision"], b["revision"]) == ("main", "main")
+    assert (a["commit"], b["commit"]) == commits and commits[0] != commits[1]
+    assert a["model_dir"] != b["model_dir"]
+    assert Path(a["model_dir"]) == tmp_path / "cache" / "models" / REPO / commits[0]
+    assert Path(b["model_dir"]) == tmp_path / "cache" / "models" / REPO / commits[1]
+    # The second profile did not overwrite the first one's weights.
+    assert sha256(Path(a["model_dir"]) / BIG) == sha256(source / BIG)
+    assert sha256(Path(b["model_dir"]) / BIG) == sha256(other / BIG)
+
+
+def test_same_weights_under_the_same_branch_reuse_their_folder(source, tmp_path):
+    with LocalHub({REPO: source}) as hub:
+        first = run_stage(stage_context(tmp_path, hub.endpoint, "run-1"))
+    with LocalHub({REPO: source}) as hub:  # a later run: new server, same content, same commit
+        second = run_stage(stage_context(tmp_path, hub.endpoint, "run-2"))
+        assert hub.file_gets() == []
+
+    assert second["model_dir"] == first["model_dir"] and second["commit"] == first["commit"]
+    assert second["fetched_files"] == [] and len(first["fetched_files"]) == len(first["files"])
+
+
+def test_resolve_commit_asks_the_hub(hub):
+    assert resolve_commit(REPO, "main", endpoint=hub.endpoint, token_env=None) == hub.commit(REPO)
+    with pytest.raises(DownloadError) as exc:
+        resolve_commit(REPO, "no-such-branch", endpoint=hub.endpoint, token_env=None)
+    assert REPO in str(exc.value) and "no-such-branch" in str(exc.value)
+
+
+def test_given_commit_is_fetched_and_the_asked_revision_recorded(hub, make_params):
+    result = download(make_params(revision="main", commit=hub.commit(REPO)))
+    manifest = json.loads(result.manifest_path.read_text())
+    assert (manifest["revision"], manifest["commit_sha"]) == ("main", hub.commit(REPO))
+    assert all(f"/revision/{hub.commit(REPO)}" in r.path for r in hub.requests if r.path.startswith("/api/models/"))
+    with pytest.raises(ValueError, match="40-hex"):
+        make_params(commit="main")
 
 
 # -----------------------------------------------------------------------------

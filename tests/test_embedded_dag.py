@@ -164,14 +164,14 @@ def test_ctrl_c_stops_the_server_and_marks_the_run_interrupted(first_run, result
     profile_dir = results_root / "cpu-tiny"
     deadline = time.monotonic() + 240
     record = None
-    while time.monotonic() < deadline and record is None:
+    while time.monotonic() < deadline and record is None and proc.poll() is None:
         runs = sorted(p for p in profile_dir.iterdir() if p.name[:1].isdigit() and p != rep.run_dir)
         for run in runs:
             rec = run / "servers" / "server.json"
             if rec.is_file() and (run / "serve" / "result.json").is_file():  # serve done: needle is next
                 record = json.loads(rec.read_text())
         time.sleep(0.5)
-    assert record is not None, "the run never got its server up"
+    assert record is not None, f"the run never got its server up: {proc.poll() is None or proc.communicate()[0]}"
     time.sleep(2)  # well inside the needle stage
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)

@@ -12,8 +12,8 @@ from conftest import CPU_SERVE
 from m3lab import serve
 from m3lab.correctness import run_parity, run_suite
 from m3lab.faults import apply_fault
-from m3lab.needle import NeedleConfig, run_needle
-from m3lab.params import load_params
+from m3lab.needle import NeedleTarget, run_needle
+from m3lab.params import Needle, load_params
 
 PROMPTS = [p.model_dump() for p in load_params("cpu-tiny").correctness.prompts]
 
@@ -25,8 +25,8 @@ def verdicts(trained_checkpoint, tmp_path, fault):
         server = rec.__dict__
         suite = run_suite(server, PROMPTS, max_tokens=12)
         parity = run_parity(server, str(trained_checkpoint), [p["prompt"] for p in PROMPTS], 16, 1.0)
-        needle = run_needle(NeedleConfig(base_url=rec.base_url, model=rec.model, tokenizer_dir=served,
-                                         lengths=[1024], depths=[25, 75], max_tokens=8, max_context=4096))
+        needle = run_needle(NeedleTarget(base_url=rec.base_url, model=rec.model, tokenizer_dir=served,
+                                         max_context=4096), Needle(lengths=[1024], depths=[25, 75], max_tokens=8))
     finally:
         serve.stop_all(tmp_path / "run")
     return (sum(r.passed for r in suite) / len(suite), min(r.match_rate for r in parity), needle.accuracy)

@@ -10,10 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import filler_tokenizer
 
+from m3lab.params import Needle
 from m3lab.needle import (
     QUESTION,
     Haystack,
-    NeedleConfig,
+    NeedleTarget,
     NeedleError,
     build_prompt,
     filler_sentences,
@@ -151,11 +152,15 @@ def test_plan_grid_marks_cells_beyond_max_context():
     ({"depths": [0, 101]}, "depths"),
     ({"depths": []}, "depths"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"max_context": 0}, "max_context"),
 ])
-def test_config_validation(kw, match):
+def test_grid_validation_is_the_params_schema(kw, match):
     with pytest.raises(ValueError, match=match):
-        NeedleConfig(base_url="http://h:1", model="m", tokenizer_dir="t", **kw)
+        Needle.model_validate({"lengths": [256], "depths": [0], **kw})
+
+
+def test_max_context_must_be_positive():
+    with pytest.raises(ValueError, match="max_context"):
+        NeedleTarget(base_url="http://h:1", model="m", tokenizer_dir="t", max_context=0)
 
 
 def test_max_context_from_config(tmp_path):
@@ -210,9 +215,8 @@ def fake_server():
 
 def test_run_needle_grid(fake_server, tokenizer):
     url, seen, _ = fake_server
-    cfg = NeedleConfig(base_url=url, model="m", tokenizer_dir="unused", lengths=[256, 2048, 4096],
-                       depths=[0, 50, 100], max_tokens=8, max_context=4096)
-    res = run_needle(cfg, tokenizer=tokenizer)
+    res = run_needle(NeedleTarget(base_url=url, model="m", tokenizer_dir="unused", max_context=4096),
+                     Needle(lengths=[256, 2048, 4096], depths=[0, 50, 100], max_tokens=8), tokenizer=tokenizer)
     assert res.matrix == [[1, 1, 1], [0, 0, 0], [None, None, None]]
     assert (res.n_hit, res.n_run) == (3, 6) and res.accuracy == pytest.approx(0.5)
     assert res.cell(4096, 50).status == "not run (exceeds max context 4096)"
@@ -229,10 +233,9 @@ def test_run_needle_dead_server_raises_naming_url(tokenizer):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = NeedleConfig(base_url=f"http://127.0.0.1:{port}", model="m", tokenizer_dir="unused", lengths=[128],
-                       depths=[0, 100], max_context=1024)
+    target = NeedleTarget(base_url=f"http://127.0.0.1:{port}", model="m", tokenizer_dir="unused", max_context=1024)
     with pytest.raises(NeedleError, match=f"127.0.0.1:{port}/v1/completions"):
-        run_needle(cfg, tokenizer=tokenizer)
+        run_needle(target, Needle(lengths=[128], depths=[0, 100]), tokenizer=tokenizer)
 
 
 def test_run_needle_server_dies_mid_grid(fake_server, tokenizer, monkeypatch):
@@ -249,8 +252,7 @@ def test_run_needle_server_dies_mid_grid(fake_server, tokenizer, monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(needle_mod, "build_prompt", build_then_kill)
-    cfg = NeedleConfig(base_url=url, model="m", tokenizer_dir="unused", lengths=[128, 256], depths=[0, 100],
-                       max_context=1024)
-    res = run_needle(cfg, tokenizer=tokenizer)
+    res = run_needle(NeedleTarget(base_url=url, model="m", tokenizer_dir="unused", max_context=1024),
+                     Needle(lengths=[128, 256], depths=[0, 100]), tokenizer=tokenizer)
     assert [c.status for c in res.cells] == ["hit", "hit", "error", "error"]
     assert "not sent" in res.cells[3].error and res.accuracy == 0.5 and len(seen) == 2

@@ -211,7 +211,7 @@ def test_corpus_perplexity_tokenizes_with_the_checkpoint_tokenizer(vllm_shaped_s
     result = corpus_perplexity(server, wikitext_slice, str(tiny_text_checkpoint),
                                PPLConfig(window_tokens=256, max_windows=4))
     assert result.corpus_tokens == len(ids) > 4 * 255 and result.windows == 4
-    assert seen[1]["prompt"] == ids[:256]  # the first window is the corpus' first 256 tokens
+    assert ids[:256] in [b["prompt"] for b in seen]  # one window is the corpus' first 256 tokens (sent in parallel)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def src(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def fp8(src: Path) -> q.QuantResult:
-    return q.quantize(src, src.parent / "tiny-m3-fp8", q.QuantRecipe(recipe="fp8_dynamic"))
+    return q.quantize(src, src.parent / "tiny-m3-fp8", q.QuantRecipe.from_params("fp8_dynamic"))
 
 
 def _copy(model_dir: str, dst: Path) -> Path:
@@ -158,7 +158,7 @@ def test_shared_expert_check_fails_when_loaded_as_zeros(fp8: q.QuantResult) -> N
 
 
 def test_sharded_output_keeps_its_index_in_hub_layout(src: Path, tmp_path: Path) -> None:
-    res = q.quantize(src, tmp_path / "sharded", q.QuantRecipe(recipe="fp8_dynamic", max_shard_size="600KB"))
+    res = q.quantize(src, tmp_path / "sharded", q.QuantRecipe.from_params("fp8_dynamic", max_shard_size="600KB"))
     d = Path(res.model_dir)
     index = json.loads((d / "model.safetensors.index.json").read_text())
     st = _dtypes(d)
@@ -171,7 +171,7 @@ def test_ignore_pattern_matching_only_hub_names_is_rejected(src: Path, tmp_path:
     # the card's spelling alone: llm-compressor sees `self_attn.indexer.q_proj` and quantizes it
     ignore = [p for p in q.DEFAULT_IGNORE if "index" not in p] + [r"re:.*self_attn\.index_.*"]
     with pytest.raises(q.QuantizeError, match=r"layers\.1\.self_attn\.index_k_proj matches ignore but was quantized"):
-        q.quantize(src, tmp_path / "out", q.QuantRecipe(recipe="fp8_dynamic", ignore=ignore))
+        q.quantize(src, tmp_path / "out", q.QuantRecipe.from_params({"recipe": "fp8_dynamic", "ignore": ignore}))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -179,7 +179,9 @@ def test_unknown_recipe_is_a_clear_error(src: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"quantize\.recipe: unknown recipe 'int3'; registered: none, fp8_dynamic"):
         q.quantize(src, tmp_path / "out", "int3")
     with pytest.raises(ValueError, match=r"'mxfp4' \(AMD Quark OCP MXFP4 \(card 001\)\) is planned, not implemented yet; runnable: none, fp8_dynamic"):
-        q.QuantRecipe(recipe="mxfp4")
+        q.QuantRecipe(recipe="mxfp4", ignore=None, verify=True)
+    with pytest.raises(ValueError, match=r"^quantize: recipe 'mxfp4' needs its options under quantize\.quark$"):
+        q.QuantRecipe.from_params("mxfp4")
     assert not (tmp_path / "out").exists()
 
 

@@ -72,7 +72,8 @@ def test_closure_follows_imports_anywhere_and_only_m3lab(tmp_path):
 
 
 @pytest.mark.parametrize("registry, attrs", [
-    (ENGINES, ("PACKAGE", "MODULE", "command", "checkpoint_flavor", "request_model", "startup_facts")),
+    (ENGINES, ("PACKAGE", "MODULE", "command", "checkpoint_flavor", "request_model", "startup_facts",
+               "force_output_len")),
     (RECIPES, ("quantize", "plan_lines")),
     (EVAL_RUNNERS, ("run", "plan_lines")),
     (FAULTS, ("apply",)),

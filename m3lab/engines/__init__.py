@@ -1,6 +1,7 @@
 """Serving engines, one module each (registered in `m3lab.registry.ENGINES`).
 
-An engine module says how its OpenAI-compatible server is started, and nothing else:
+An engine module says how its OpenAI-compatible server is started and how a benchmark request asks it
+for a fixed output length, and nothing else:
 
     PACKAGE        the distribution whose installed version is checked against `serve.engine_version`
     MODULE         `python -m MODULE …` runs the server from this interpreter's environment
@@ -8,6 +9,8 @@ An engine module says how its OpenAI-compatible server is started, and nothing e
     checkpoint_flavor(text_only) -> str|None   the layout it loads (m3lab.checkpoint.text_only), None: as is
     request_model(serve, model_dir) -> str     the `model` field its requests carry
     startup_facts(log_text) -> dict|None       what it says about itself at start-up (vLLM: memory, KV tokens)
+    force_output_len(body, n) -> dict|None     a request body that makes it generate exactly n tokens (the
+                                               benchmark's ignore_eos); None: the server has no way to ask
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ def request_model(serve: dict[str, Any], model_dir: str) -> str:
     return serve["served_model_name"]
 
 
+def force_output_len(body: dict[str, Any], n: int) -> dict[str, Any] | None:
+    # vLLM's sampling extension: ignore_eos keeps generating past EOS until max_tokens.
+    return {**body, "max_tokens": n, "ignore_eos": True}
+
+
 def startup_facts(log_text: str) -> dict[str, Any] | None:
     # Weights per GPU, KV-cache capacity, max concurrency: card 002 quotes exactly these
     # ("87.6 GiB per GPU, KV 46,464 tokens").

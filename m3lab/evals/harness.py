@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from m3lab import procs
-from m3lab.serve import ensure_alive
+from m3lab.params import Eval
+from m3lab.procs import ensure_alive
 from m3lab.stage import StageError, write_json
 
 __all__ = ["TASKS_DIR", "OFFLINE_ENV", "EvalError", "SeedRun", "EvalResult", "local_tasks", "check_eval",
@@ -54,7 +55,6 @@ TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 # The lm-eval tasks m3lab ships, and the items its tiny_arith task reads (m3lab.fingerprint).
 DATA = ("tasks/*", "assets/tiny-m3/arith_eval.jsonl")
 RESERVED = ("--seed", "--output_path")  # m3lab owns these: seeds come from `seeds`, output from the run folder
-DEFAULT_TIMEOUT_S = 6 * 3600.0
 # Nothing may be fetched at eval time: a Hub task whose dataset is not cached fails fast instead of hanging.
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 PLACEHOLDERS = ("model", "base_url", "tokenizer")
@@ -143,8 +143,10 @@ def check_eval(ev: dict[str, Any]) -> dict[str, Any]:
     task = ev.get("task") or (tasks[0] if len(tasks) == 1 else None)
     if task is None:
         raise EvalError(f"{where}.task: --tasks names {tasks}; say which task's {ev['metric']!r} to report")
-    return {**ev, "runner": runner, "seeds": seeds, "task": task, "limit": ev.get("limit"),
-            "timeout_s": float(ev.get("timeout_s") or DEFAULT_TIMEOUT_S), "env": dict(ev.get("env") or {})}
+    # Defaults (timeout, env, limit) come from the params schema, their only declaration.
+    fields = {k: v for k, v in ev.items() if k in Eval.model_fields and k not in ("seeds", "task")}
+    filled = Eval.model_validate(fields).model_dump(mode="json")
+    return {**filled, "runner": runner, "seeds": seeds, "task": task}
 
 
 def task_names(args: dict[str, Any]) -> list[str]:

@@ -25,8 +25,6 @@ import json
 import math
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -34,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from m3lab import needle
+from m3lab import client
 from m3lab.client import RequestFailed
-from m3lab.serve import ensure_alive
 
 __all__ = ["PPLNotSupported", "PPLResponseError", "PPLConfig", "PPLResult", "Window", "plan_windows",
            "token_logprobs", "perplexity", "read_wikitext", "detokenize_wikitext", "tokenize",
@@ -202,22 +200,8 @@ def tokenize(text: str, tokenizer: Any) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _post(server: dict[str, Any], body: dict[str, Any], timeout_s: float) -> tuple[int, Any]:
-    """(HTTP status, parsed JSON or error text). A connection failure checks whether the server died."""
-    req = urllib.request.Request(f"{server['base_url']}/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            raw = r.read()
-        try:
-            return r.status, json.loads(raw)
-        except ValueError:  # not JSON: an engine (or proxy) answering in some other shape
-            return r.status, raw.decode("utf-8", "replace")[:500]
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace")[:500]
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        if "pid" in server:
-            ensure_alive(server)  # raises ServerDied with the log tail if the process is gone
-        raise RequestFailed(f"{server['base_url']}/completions failed: {e}") from None
+    """(HTTP status, parsed JSON or error text). No answer: ServerDied if the server died, else RequestFailed."""
+    return client.post(server, "/completions", body, timeout_s)
 
 
 def _request(server: dict[str, Any], token_ids: Sequence[int]) -> dict[str, Any]:

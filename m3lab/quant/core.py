@@ -52,9 +52,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from m3lab.params import Quantize
 from m3lab.registry import RECIPES
 
 __all__ = [
@@ -114,13 +116,27 @@ class QuantizeError(RuntimeError):
 
 @dataclass
 class QuantRecipe:
-    """What to do. `ignore=None` means the recipe's defaults (`DEFAULT_IGNORE` for fp8_dynamic)."""
+    """What to do: the params section `quantize` (m3lab.params.Quantize, the only declaration of `recipe`,
+    `ignore` and `verify` and their defaults), plus where the output goes. Build it with `from_params`.
+    `ignore=None` means the recipe's defaults (`DEFAULT_IGNORE` for fp8_dynamic)."""
 
-    recipe: str = "none"
-    ignore: list[str] | None = None  # compressed-tensors targets to leave in bf16 ("re:" prefix = regex)
+    recipe: str
+    ignore: list[str] | None  # compressed-tensors targets to leave in bf16 ("re:" prefix = regex)
+    verify: bool  # reload on CPU + generate + shared-expert reload check; False if it cannot fit in RAM
     out_dir: str | None = None  # where the output goes; None: "<src_dir>.<recipe>" next to the download
-    verify: bool = True  # reload on CPU + generate + shared-expert reload check; False if it cannot fit in RAM
     max_shard_size: str = "5GB"  # bounds memory when shards are rewritten with hub names
+
+    @classmethod
+    def from_params(cls, section: Quantize | dict[str, Any] | str, **runtime: Any) -> QuantRecipe:
+        """From the params section (or its dict, or just a recipe name with the section's defaults)."""
+        if isinstance(section, str):
+            section = {"recipe": section}
+        try:
+            q = section if isinstance(section, Quantize) else Quantize.model_validate(section)
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{'.'.join(('quantize',) + tuple(map(str, err['loc'])))}: "
+                                       f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
+        return cls(recipe=q.recipe, ignore=q.ignore, verify=q.verify, **runtime)
 
     def __post_init__(self) -> None:
         entry = RECIPES.get(self.recipe)  # an unknown name lists the registered ones
@@ -215,7 +231,7 @@ def quantize(src_dir: str | Path, out_dir: str | Path | None, recipe: QuantRecip
     `out_dir=None` takes `recipe.out_dir`, else `<src_dir>.<recipe>`. Raises `QuantizeError` (and leaves no
     `out_dir`) when the output fails its checks."""
     if isinstance(recipe, str):
-        recipe = QuantRecipe(recipe=recipe)
+        recipe = QuantRecipe.from_params(recipe)
     src = Path(src_dir).resolve()
     if not (src / "config.json").is_file():
         raise QuantizeError(f"quantize: {src / 'config.json'} not found: {src} is not a checkpoint folder")
