@@ -19,8 +19,10 @@ Tolerance rules (edges inclusive):
 `measure` is a dotted path into the stage's result, where a segment `name[key=value,...]` selects the first
 element of the list `name` whose fields match: `levels[concurrency=1].output_throughput`,
 `cells[length=4096,depth=50].status`, `evals[id=gsm8k].mean`. A claim of `kind: recovery` compares
-measured/baseline × 100 (the card's "Recovery (%)") instead of the raw value: the baseline is measured where
-`baseline_measure` is given, else the card's own baseline number.
+measured/baseline × 100 (the card's "Recovery (%)") instead of the raw value, and is judged only when this run
+measured the baseline too (`baseline_measure`). Dividing by the card's own baseline number would make the
+recovery the score claim again under another tolerance, so without a measured baseline the verdict is
+`not run (no baseline measured …)`; the card's baseline stays in the ledger as what the card said.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ _SEGMENT = re.compile(r"^(?P<name>[^\[\]]+)(?:\[(?P<sel>[^\]]+)\])?$")
 
 class MeasureNotFound(KeyError):
     """The result has no value at the claim's `measure` path."""
+
+
+class NoBaseline(ValueError):
+    """A recovery claim whose baseline this run did not measure."""
 
 
 def _coerce(text: str) -> Any:
@@ -165,11 +171,17 @@ def evaluate_claims(claims: list[dict[str, Any]], run_dir: Path) -> list[Verdict
             try:
                 measured = lookup(result, c["measure"])
                 if c.get("kind") == "recovery":
-                    base = lookup(result, c["baseline_measure"]) if c.get("baseline_measure") else c["baseline"]
+                    if not c.get("baseline_measure"):
+                        raise NoBaseline(f"no baseline measured: the card's baseline {c.get('baseline')} is what "
+                                         f"the card said, not a measurement of these items by this harness")
+                    base = lookup(result, c["baseline_measure"])
                     measured = 100.0 * float(measured) / float(base)
                 stderr = lookup(result, c["measure_stderr"]) if c.get("measure_stderr") else None
                 ok, delta = judge(claimed, measured, tolerance, stderr)
                 verdict = "reproduced" if ok else "not reproduced"
+            except NoBaseline as e:
+                measured = None
+                verdict = f"not run ({e})"
             except MeasureNotFound as e:
                 measured = None
                 verdict = f"not run ({stage} did not measure it: {e})"

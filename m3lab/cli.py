@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from m3lab import plan, serve, wheelhouse
+from m3lab import digest, plan, serve, wheelhouse
 from m3lab.dag import RunError, run
 from m3lab.params import DEFAULT_PROFILE, ParamsError, load_params
 from m3lab.plan import PlanError
@@ -64,6 +64,10 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     return inspector.main([a.model_dir] + (["--json"] if a.json else []))
 
 
+def _cmd_verify(a: argparse.Namespace) -> int:
+    return digest.main(a.paths)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="m3lab", description="Reproduce quantized MiniMax-M3 results: "
                                  "download → quantize → serve → correctness → needle → benchmark → plot.")
@@ -101,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("model_dir")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
     ins.set_defaults(fn=_cmd_inspect)
+
+    ve = sub.add_parser("verify", help="re-hash every cached checkpoint the runs under PATH used; exit 1 if any "
+                        "file changed or is missing")
+    ve.add_argument("paths", nargs="+", metavar="PATH", help="a run folder, a profile folder or a results folder")
+    ve.set_defaults(fn=_cmd_verify)
 
     st = sub.add_parser("stop", help="stop servers left running by interactive notebook sessions")
     st.add_argument("profile", nargs="?", default=DEFAULT_PROFILE)

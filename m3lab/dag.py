@@ -351,9 +351,16 @@ def _run(params: Params, profile_dir: Path, only: str | None, from_: str | None,
                 echo(f"{label} not run ({why})")
             elif plan.action == "reuse":
                 dst = run_dir / st.name
-                shutil.copytree(plan.reuse_from, dst, ignore=shutil.ignore_patterns("status.json"))
-                info.update(status="reused", reused_from=plan.reuse_from.parent.name, duration_s=0.0)
-                echo(f"{label} reused ({plan.reason})")
+                try:
+                    shutil.copytree(plan.reuse_from, dst, ignore=shutil.ignore_patterns("status.json"))
+                    info.update(status="reused", reused_from=plan.reuse_from.parent.name, duration_s=0.0)
+                    echo(f"{label} reused ({plan.reason})")
+                except OSError as e:  # a full or read-only disk: say where, and fail the stage, not the program
+                    shutil.rmtree(dst, ignore_errors=True)
+                    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    info.update(status="failed", error=f"copying {plan.reuse_from} to {dst}: {why}")
+                    failed.add(st.name)
+                    echo(f"{label} failed: {info['error']}")
             else:
                 echo(f"{label} running …")
                 t0 = time.monotonic()

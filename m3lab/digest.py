@@ -13,10 +13,11 @@ which is the price of never serving a checkpoint that changed behind m3lab's bac
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["sha256_file", "folder_manifest", "artifact", "verify_artifacts"]
+__all__ = ["sha256_file", "folder_manifest", "artifact", "verify_artifacts", "run_folders", "verify_run", "main"]
 
 _CHUNK = 1 << 22
 
@@ -66,3 +67,39 @@ def verify_artifacts(result: dict[str, Any]) -> list[str]:
 def folder_manifest_names(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def run_folders(path: str | Path) -> list[Path]:
+    """A run folder, every run of a profile folder, or every run under a results folder."""
+    p = Path(path)
+    if (p / "params.json").is_file():
+        return [p]
+    return sorted(r.parent for r in p.glob("*/params.json")) or sorted(r.parent for r in p.glob("*/*/params.json"))
+
+
+def verify_run(run_dir: Path) -> tuple[int, list[str]]:
+    """(files re-hashed, problems) over every artifact the run's stages list."""
+    n, problems = 0, []
+    for result in sorted(Path(run_dir).glob("*/result.json")):
+        data = json.loads(result.read_text(encoding="utf-8"))
+        arts = data.get("artifacts") or {}
+        n += sum(len(a.get("files") or {}) for a in arts.values())
+        problems += [f"{result.parent.name}: {x}" for x in verify_artifacts(data)]
+    return n, problems
+
+
+def main(argv: list[str]) -> int:
+    """`m3lab verify PATH…`: re-hash every cached artifact the runs under PATH used; exit 1 on any mismatch."""
+    bad = 0
+    for path in argv:
+        runs = run_folders(path)
+        if not runs:
+            print(f"m3lab verify: {path}: no run folders (a run folder holds params.json)")
+            return 2
+        for run in runs:
+            n, problems = verify_run(run)
+            print(f"{run}: {'ok' if not problems else 'CHANGED'} ({n} files re-hashed)")
+            for x in problems:
+                print(f"  {x}")
+            bad += bool(problems)
+    return 1 if bad else 0

@@ -669,9 +669,10 @@ def run_stage(ctx) -> dict:
         "revision": res.revision,
         "commit": res.commit_sha,
         "endpoint": endpoint,
-        "local_dir": str(res.local_dir),
-        "model_dir": str(res.local_dir),
+        "model_dir": str(res.local_dir),  # what the quantize stage reads
         "manifest": str(res.manifest_path),
+        # The runner re-hashes these before it reuses this stage (m3lab.digest.verify_artifacts).
+        "artifacts": {"model": {"path": str(res.local_dir), "files": {f.path: f.sha256 for f in res.files}}},
         "files": [asdict(f) for f in res.files],
         "total_bytes": res.total_bytes,
         "total_gib": round(res.total_bytes / 2**30, 3),

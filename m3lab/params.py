@@ -13,6 +13,7 @@ papermill's own `-f` merge is shallow, which is why the merge lives here.
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+from m3lab.transport import is_loopback
 from m3lab.registry import ENGINES, EVAL_RUNNERS, FAULTS, RECIPES, STAGES, Registry
 
 __all__ = [
@@ -66,8 +68,31 @@ StageName = Annotated[str, AfterValidator(_stage_name)]
 # Schema. Every section forbids unknown keys: a typo must fail loudly, not be silently ignored.
 
 
+def _int_like(tp: Any) -> bool:
+    """int, int | None, list[int], Annotated[int, …]: the annotations where a YAML `true` would read as 1."""
+    if tp is int:
+        return True
+    args = getattr(tp, "__args__", ()) or ()
+    origin = getattr(tp, "__origin__", None)
+    if origin is Annotated:
+        return _int_like(args[0])
+    return any(_int_like(a) for a in args if a is not type(None)) and not any(a in (str, float, bool) for a in args)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are typos; infinities and NaN are never a sane count, size or timeout.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_ints(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, f in cls.model_fields.items():
+                v = data.get(name)
+                values = v if isinstance(v, list) else [v]
+                if _int_like(f.annotation) and any(isinstance(x, bool) for x in values):
+                    raise ValueError(f"{name}: expected an integer, got {v!r} (a YAML boolean)")
+        return data
 
 
 class Hardware(_Section):
@@ -92,7 +117,7 @@ class Model(_Section):
     # `hub`: a real repo on the Hugging Face Hub (or any endpoint).
     source: Literal["embedded", "hub"] = "embedded"
     repo_id: str  # the checkpoint to quantize (the base model) — or the embedded repo
-    revision: str
+    revision: str = Field(min_length=1)
     # A card's own quantized checkpoint; `use: published` downloads it (and skips quantizing),
     # `use: reproduce` downloads `repo_id` and runs the card's recipe.
     published: str | None = None
@@ -108,8 +133,8 @@ class Download(_Section):
     allow_patterns: list[str] | None = None
     ignore_patterns: list[str] | None = None
     endpoint: str | None = None  # None: the embedded hub for source=embedded, else the real Hub / $HF_ENDPOINT
-    token_env: str = "HF_TOKEN"  # name of the env var holding the token; the token itself never enters params
-    local_dir: str | None = None  # None: results/.cache/models/<repo_id>/<revision>
+    token_env: str = Field("HF_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # name of the env var holding the token; the token itself never enters params
+    local_dir: str | None = None  # None: results/.cache/models/<repo_id>/<commit the revision resolves to>
     min_free_gb: float = Field(0.0, ge=0)
 
 
@@ -177,9 +202,13 @@ class Serve(_Section):
     # Fault-injection tests only (m3lab.faults): serve a copy broken the way a naive loader would break it.
     fault: FaultName = "none"
     host: str = "127.0.0.1"
+    # Opt-ins, off by default and stated in the report when on: binding beyond loopback exposes the server to
+    # the network; `--trust-remote-code` runs Python shipped with the checkpoint.
+    allow_nonlocal_host: bool = False
+    allow_remote_code: bool = False
     port: int | None = Field(None, ge=1, le=65535)  # None: a free port
     served_model_name: str = "m3"
-    startup_timeout_s: float = Field(600.0, gt=0)
+    startup_timeout_s: float = Field(600.0, gt=0, le=6 * 3600)
     # Engine flags exactly as on the command line: {"--tensor-parallel-size": 8, "--enforce-eager": true}.
     args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
@@ -187,6 +216,16 @@ class Serve(_Section):
     # Sampling the card's users set server-side (card 003: temperature 1.0, top_p 0.95, top_k 40); m3lab's own
     # measuring requests stay greedy unless a stage says otherwise.
     sampling: dict[str, float | int | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _opt_ins(self) -> "Serve":
+        if not is_loopback(f"http://{self.host}/") and not self.allow_nonlocal_host:
+            raise ValueError(f"host {self.host!r} binds beyond this machine's loopback; m3lab's servers listen on "
+                             f"127.0.0.1 unless the profile opts in with serve.allow_nonlocal_host: true")
+        if self.args.get("--trust-remote-code") and not self.allow_remote_code:
+            raise ValueError("args: --trust-remote-code runs Python code shipped with the checkpoint; the profile "
+                             "must say so with serve.allow_remote_code: true")
+        return self
 
     @field_validator("args")
     @classmethod
@@ -203,7 +242,7 @@ class Serve(_Section):
 class Prompt(_Section):
     id: str
     prompt: str
-    expect: list[str] = Field(min_length=1)  # every substring must appear in the greedy continuation
+    expect: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)  # each must appear in the continuation
     lang: str = "en"
 
 
@@ -232,6 +271,15 @@ class Eval(_Section):
     limit: int | None = Field(None, gt=0)
     timeout_s: float = Field(21600.0, gt=0)  # per seed run
     env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _metric_names_a_result(self) -> "Eval":
+        if self.runner == "lm_eval" and ("," not in self.metric or not all(self.metric.split(",", 1))):
+            raise ValueError(f"metric {self.metric!r}: lm-eval reports scores as '<metric>,<filter>', e.g. "
+                             f"'exact_match,flexible-extract'")
+        if self.runner == "lighteval" and not self.metric:
+            raise ValueError("metric: lighteval's metric name is required, e.g. 'math_pass@1:1_samples'")
+        return self
 
     @field_validator("id")
     @classmethod
@@ -330,14 +378,15 @@ class Claim(_Section):
     @model_validator(mode="after")
     def _recovery_has_a_baseline(self) -> "Claim":
         if self.kind == "recovery" and self.baseline is None and self.baseline_measure is None:
-            raise ValueError("a recovery claim needs the card's baseline or a baseline_measure")
+            raise ValueError("a recovery claim needs the card's baseline (what it said) or a baseline_measure "
+                             "(where this run measures it; only then is it judged)")
         if self.tolerance.stderr is not None and not self.measure_stderr:
             raise ValueError("a stderr tolerance needs measure_stderr (where the stage reports the stderr)")
         return self
 
 
 class Params(_Section):
-    profile: str
+    profile: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a folder name under results/
     description: str = ""
     extends: list[str] | str | None = None  # consumed by the loader; kept for `m3lab show`
     hardware: Hardware = Field(default_factory=Hardware)
@@ -367,6 +416,19 @@ class Params(_Section):
         if self.hardware.nodes > 1 and self.serve.args.get("--distributed-executor-backend") != "ray":
             raise ValueError("serve.args: hardware.nodes > 1 needs '--distributed-executor-backend: ray' "
                              "(vLLM spans hosts only with the Ray executor)")
+        return self
+
+    @model_validator(mode="after")
+    def _lengths_fit_the_model(self) -> "Params":
+        fits = [n for n in self.needle.lengths if n + self.needle.max_tokens <= self.model.max_model_len]
+        if not fits:
+            raise ValueError(f"needle.lengths {self.needle.lengths}: none fits model.max_model_len "
+                             f"{self.model.max_model_len} with max_tokens {self.needle.max_tokens}")
+        need = self.benchmark.input_len + self.benchmark.output_len
+        if need > self.model.max_model_len:
+            raise ValueError(f"benchmark: input_len {self.benchmark.input_len} + output_len "
+                             f"{self.benchmark.output_len} = {need} exceeds model.max_model_len "
+                             f"{self.model.max_model_len}")
         return self
 
     @model_validator(mode="after")
@@ -403,9 +465,30 @@ def _display(path: Path) -> str:
         return str(path)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML mapping that says a key twice is an error (PyYAML keeps the last silently: a duplicated `host`
+    could flip a loopback bind to 0.0.0.0 unnoticed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{_display(path)}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ParamsError(f"{_display(path)}: cannot read it: {e.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ParamsError(f"{_display(path)}: not valid YAML: {e}") from None
     if data is None:
@@ -483,12 +566,34 @@ def _origin(origins: dict, loc: tuple, default: str) -> str:
     return default
 
 
+# Token shapes: Hugging Face (hf_…), OpenAI-style (sk-…), GitHub (ghp_/github_pat_…). A params file is data that
+# lands in params.json, notebooks and HTML; a secret belongs in the environment (download.token_env names it).
+_SECRET = re.compile(r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|ghp_[A-Za-z0-9]{30,}|"
+                     r"github_pat_[A-Za-z0-9_]{30,})")
+
+
+def _refuse_secrets(node: Any, origins: dict, path: Path, loc: tuple = ()) -> None:
+    """A token-shaped value anywhere is an error that names the key, never the value."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_secrets(v, origins, path, loc + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_secrets(v, origins, path, loc + (i,))
+    elif isinstance(node, str) and _SECRET.search(node):
+        where = _origin(origins, loc, _display(path))
+        raise ParamsError(f"{where}: {'.'.join(map(str, loc))}: looks like an access token; secrets never go in "
+                          f"params (they would land in params.json, notebooks and HTML): put it in the "
+                          f"environment and name the variable in download.token_env")
+
+
 def load_params(profile: str | Path | None = None) -> Params:
     """Read, merge and validate a profile. Raises ParamsError naming the file and the key path."""
     path = resolve_profile_path(profile)
     origins: dict[tuple, str] = {}
     merged = _load_merged(path, origins)
     merged.setdefault("profile", path.stem)
+    _refuse_secrets(merged, origins, path)
     try:
         return Params.model_validate(merged)
     except ValidationError as e:

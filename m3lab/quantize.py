@@ -15,13 +15,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from m3lab.digest import artifact
+from m3lab.digest import artifact, verify_artifacts
 from m3lab.fingerprint import code_digest
 from m3lab.quant.core import QuantizeError, QuantRecipe, quantize
 from m3lab.registry import RECIPES
-from m3lab.stage import StageContext
+from m3lab.stage import StageContext, read_json, write_json
 
-__all__ = ["run_stage"]
+__all__ = ["run_stage", "MADE_NAME"]
+
+MADE_NAME = ".m3lab-made.json"  # in the output folder: the result that made it, with its files' sha256
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
@@ -39,13 +41,23 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     key = hashlib.sha256(json.dumps([download["commit"], download["model_dir"], cfg, code],
                                     sort_keys=True).encode()).hexdigest()[:16]
     out = ctx.cache_dir / "quantized" / f"{Path(download['model_dir']).name}-{recipe.recipe}-{key}"
+    made = out / MADE_NAME
+    if made.is_file():
+        # Made before from the same download, settings and code (another profile, or a run whose later stage
+        # changed): reuse it if it still hashes to what was recorded. Rewriting it would change its report under
+        # the runs that used it, and race a concurrent run of another profile that reads it.
+        earlier = read_json(made)
+        if not verify_artifacts(earlier):
+            return {**earlier, "card_recipe": cfg["recipe"], "cache": "reused an intact folder made earlier"}
     isolated = os.environ.get("M3LAB_QUANTIZE_PYTHONPATH")
     if isolated and recipe.recipe != "none":
         result = _quantize_isolated(download["model_dir"], out, recipe, isolated)
     else:
         result = quantize(download["model_dir"], out, recipe).to_dict()
-    return {**result, "card_recipe": cfg["recipe"], "published": bool(download.get("published")),
-            "artifacts": {"model": artifact(out)}}
+    result = {**result, "card_recipe": cfg["recipe"], "published": bool(download.get("published")),
+              "artifacts": {"model": artifact(out)}}
+    write_json(made, result)  # hidden: not part of the folder's own manifest
+    return {**result, "cache": "made"}
 
 
 def _quantize_isolated(src: str, out: Path, recipe: QuantRecipe, pythonpath: str) -> dict[str, Any]:

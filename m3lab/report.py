@@ -98,7 +98,7 @@ def _quantize(r: dict) -> dict:
 def _serve(r: dict) -> dict:
     s = r.get("server", {})
     return {"engine": s.get("engine"), "engine_version": r.get("engine_version"), "startup_s": s.get("startup_s"),
-            "command": s.get("command")}
+            "command": s.get("command"), "opt_ins": r.get("opt_ins")}
 
 
 def _correctness(r: dict) -> dict:

@@ -168,11 +168,26 @@ def served_checkpoint(engine: str, model_dir: str, text_only: bool, fault: str =
     return str(dst)
 
 
+def check_context(model_dir: str, max_model_len: int) -> int:
+    """The model's own context (config.json `max_position_embeddings`, top level or `text_config`); a profile
+    asking for more is an error before any server starts (a 4096-token model must not "hit" an 8192 needle)."""
+    path = Path(model_dir) / "config.json"
+    cfg = read_json(path)
+    limit = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get("max_position_embeddings")
+    if limit is None:
+        raise StageError(f"serve: {path} states no max_position_embeddings; cannot check model.max_model_len")
+    if max_model_len > int(limit):
+        raise StageError(f"model.max_model_len {max_model_len} exceeds the checkpoint's max_position_embeddings "
+                         f"{limit} ({path}); lower it, or the needle and benchmark would run past the model")
+    return int(limit)
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     serve, model = ctx.params["serve"], ctx.params["model"]
     engine = serve["engine"]
     version = check_engine(engine, serve.get("engine_version"))
     model_dir = ctx.upstream("quantize")["model_dir"]
+    check_context(model_dir, model["max_model_len"])
     served_dir = served_checkpoint(engine, model_dir, serve.get("text_only", False), serve.get("fault", "none"))
     rec = start_server(engine, served_dir, serve, ctx.run_dir)
     smoke = _smoke(rec)
@@ -183,6 +198,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "max_model_len": model["max_model_len"],
         "smoke": smoke,
         "fault": serve.get("fault", "none"),
+        # What the profile opted into (off unless it says so; m3lab.params.Serve).
+        "opt_ins": {"nonlocal_host": serve["host"] if serve.get("allow_nonlocal_host") else None,
+                    "remote_code": bool(serve.get("args", {}).get("--trust-remote-code"))},
     }
     facts = ENGINES.load(engine).startup_facts(Path(rec.log_path).read_text(errors="replace"))
     if facts is not None:

@@ -67,13 +67,21 @@ def _run_dir(tmp_path, status="ok", result=RESULT):
 
 
 def test_verdicts_reproduced_not_reproduced_and_recovery(tmp_path):
-    run = _run_dir(tmp_path)
+    run = _run_dir(tmp_path, result={**RESULT, "baseline": {"score_pct": 95.30}})
     v = evaluate_claims([_claim(), _claim(id="far", claimed=90.0),
-                         _claim(id="rec", kind="recovery", baseline=95.30, claimed=98.84, tolerance={"abs": 0.5})],
+                         _claim(id="rec", kind="recovery", baseline=95.30, claimed=98.84, tolerance={"abs": 0.5},
+                                baseline_measure="baseline.score_pct")],
                         run)
     assert [x.verdict for x in v] == ["reproduced", "not reproduced", "reproduced"]
     assert v[0].delta == 0.0 and v[1].delta == pytest.approx(4.19)
     assert v[2].measured == pytest.approx(100 * 94.19 / 95.30, abs=1e-3)
+
+
+def test_a_recovery_against_the_cards_own_baseline_is_not_judged(tmp_path):
+    (v,) = evaluate_claims([_claim(id="rec", kind="recovery", baseline=95.30, claimed=98.84,
+                                   tolerance={"abs": 0.5})], _run_dir(tmp_path))
+    assert v.measured is None and v.delta is None
+    assert v.verdict.startswith("not run (no baseline measured: the card's baseline 95.3 is what the card said")
 
 
 def test_a_claim_whose_stage_did_not_run_shows_no_number(tmp_path):

@@ -76,10 +76,27 @@ def test_results_on_the_gpu_are_the_trained_models_answers():
     corr = read("correctness", "result.json")
     assert corr["passed"] == corr["total"] == 4
     assert corr["parity"]["match_rate"] == 1.0  # vLLM's greedy tokens = transformers' offline greedy tokens
-    assert lookup(corr, "evals[id=wikitext2_ppl].status") == "failed"  # vLLM returned NaN prompt logprobs
-    assert "not JSON compliant: nan" in lookup(corr, "evals[id=wikitext2_ppl].reason")
-    needle = read("needle", "result.json")
-    assert needle["cells_run"] == 20 and needle["hits"] == 17
+    assert_eval_invariants(lookup(corr, "evals[id=wikitext2_ppl]"))
+    assert_needle_invariants(read("needle", "result.json"))
+
+
+def assert_eval_invariants(ev):
+    """Whatever the GPU run measured: a failed or not-run eval carries no number and says why; an ok one does."""
+    if ev["status"] == "ok":
+        assert isinstance(ev["score"], float) and ev["score"] == ev["score"]  # finite, not NaN
+    else:
+        assert ev.get("score") is None and ev["reason"]
+
+
+def assert_needle_invariants(needle):
+    """Counts add up from the cells: hits ≤ cells run ≤ cells total, accuracy = hits / run, and a cell beyond the
+    model's context is never scored."""
+    cells = needle["cells"]
+    ran = [c for c in cells if not c["status"].startswith("not run")]
+    assert needle["cells_total"] == len(cells) and needle["cells_run"] == len(ran)
+    assert needle["hits"] == sum(c["status"] == "hit" for c in ran) <= len(ran)
+    assert needle["accuracy"] == pytest.approx(needle["hits"] / len(ran))
+    assert all(c["status"] in ("hit", "miss", "error") for c in ran)
 
 
 def test_decisive_lines_of_a_real_engine_crash():
@@ -98,8 +115,10 @@ def test_fp8_from_the_quantize_stage_served_by_vllm():
     corr = json.loads((fp8 / "correctness" / "result.json").read_text())
     assert corr["passed"] == 4 and corr["parity"]["match_rate"] == 1.0
     ppl = lookup(corr, "evals[id=wikitext2_ppl]")
-    assert ppl["status"] == "ok" and ppl["clamped_tokens"] == 0 and 1.0 < ppl["score"] < 10.0
-    assert summary["needle"]["hits"] == 5  # only the 4000-token row: recorded, not explained
+    assert_eval_invariants(ppl)
+    if ppl["status"] == "ok":
+        assert ppl["clamped_tokens"] == 0 and 1.0 < ppl["score"] < 10.0
+    assert_needle_invariants(json.loads((fp8 / "needle" / "result.json").read_text()))
 
 
 def test_prometheus_text_round_trip_of_a_real_family():

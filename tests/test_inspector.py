@@ -652,6 +652,17 @@ def test_report_on_a_quantized_checkpoint(tmp_path: Path) -> None:
     assert "result: PASS" in text and "layer 4: ok" in text and "routed experts" in text
 
 
+def test_activations_and_m3labs_own_report_file(tmp_path: Path) -> None:
+    d = write_checkpoint(tmp_path / "fp8", "fp8")
+    r = mi.inspect(d)
+    assert r["quant_method"] == "compressed-tensors" and r["activations"] == "dynamic"
+    assert "quantization: compressed-tensors (dynamic activations)" in mi.format_report(r)
+    assert mi.inspect(write_checkpoint(tmp_path / "gptq", "autoround3"))["activations"] is None
+    (d / mi.REPORT_NAME).write_text("{}")  # what the quantize stage writes next to the weights: not the checkpoint
+    again = mi.inspect(d)
+    assert (again["size_bytes"], again["files"]) == (r["size_bytes"], r["files"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Errors, CLI, and the embedded tiny model
 

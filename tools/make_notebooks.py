@@ -19,7 +19,7 @@ STAGES = {
                     "embedded default, m3lab builds the tiny MiniMax-M3 and publishes it on a Hub-compatible server "
                     "on 127.0.0.1, so the real client does the real download.",
                     ['pd.DataFrame(result["files"])',
-                     'pd.Series({k: result[k] for k in ("repo_id", "revision", "commit", "total_bytes", "local_dir")})']),
+                     'pd.Series({k: result[k] for k in ("repo_id", "revision", "commit", "total_bytes", "model_dir")})']),
     "02_quantize": ("quantize", "Quantize",
                     "Apply the profile's recipe (`fp8_dynamic`: llm-compressor FP8_DYNAMIC, compressed-tensors; "
                     "`none`: pass through) and report size, bits per weight, formats, exclusions and the "

@@ -10,7 +10,10 @@ The recipes are modules of `m3lab.quant` registered in `m3lab.registry.RECIPES`,
     mxfp4, autoround, mlx_q4  →  planned: their modules print the card's command and refuse to run
 
 This module holds what every recipe shares: the entry point `quantize` (temp folder, checks, atomic rename),
-the hub-layout rewrite after transformers' save, and the quant report with its shared-expert check.
+the hub-layout rewrite after transformers' save, and the quant report. What is *on disk* (size, formats per module,
+bits per weight, what is left unquantized, the checkpoint half of the shared-expert check) is measured by
+`m3lab.quant.inspector`, the one implementation behind `m3lab inspect DIR` too; this module adds what needs
+transformers: reloading the output and comparing what loaded with what is stored.
 
 The story of an fp8_dynamic run (everything happens in a hidden temp folder next to <out_dir>, renamed into place
 only at the very end, so a crash never leaves a half-written checkpoint that looks complete):
@@ -25,7 +28,9 @@ only at the very end, so a crash never leaves a half-written checkpoint that loo
      `quantization_config` whose `ignore` is the recipe's patterns (written to match both spellings),
   4. verify: every key of the download is in the output (plus only quantization tensors), the ignore list agrees
      with what is stored, and the output reloads in transformers on CPU and generates,
-  5. write `quant_report.json` (see `QuantReport`) and rename the folder into place.
+  5. inspect it (`m3lab.quant.inspector.inspect`), check every MoE layer's shared expert in the files and in the
+     reloaded model, write `quant_report.json` (see `QuantReport`) and rename the folder into place. A missing
+     or zeroed shared expert fails the stage (`QuantizeError`, naming the layers).
 
 CPU facts (transformers 5.17, compressed-tensors 0.19), measured on the tiny model:
   * `from_pretrained` on the FP8 output works on CPU. By default (`dequantize=False`) Linear weights stay FP8
@@ -51,12 +56,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from m3lab.params import Quantize
+from m3lab.quant import inspector
 from m3lab.registry import RECIPES
 
 __all__ = [
@@ -74,7 +81,7 @@ __all__ = [
     "saved_to_hub_key",
 ]
 
-REPORT_NAME = "quant_report.json"
+REPORT_NAME = inspector.REPORT_NAME  # quant_report.json, written into the output folder
 
 # The FP8 card's exclusions. Each pattern must match two spellings of the same module: transformers' native
 # names (what llm-compressor matches while quantizing, and what transformers matches when it reloads) and the
@@ -94,12 +101,6 @@ DEFAULT_IGNORE = [
 _QUANT_SUFFIXES = ("weight_scale", "weight_zero_point", "weight_global_scale", "weight_g_idx", "weight_shape",
                    "weight_packed")
 _QUANT_RE = re.compile(r"^(.*)\.(" + "|".join(_QUANT_SUFFIXES) + r")$")
-
-# safetensors dtype → bits per element
-_DTYPE_BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8,
-               "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
-_DTYPE_NAME = {"F64": "fp64", "F32": "fp32", "BF16": "bf16", "F16": "fp16", "F8_E4M3": "fp8_e4m3",
-               "F8_E5M2": "fp8_e5m2"}
 
 # Non-Linear modules with a 2D+ weight: never an FP8 target, so absent from `ignore` on purpose.
 _NOT_LINEAR_RE = re.compile(r"(^|\.)(embed_tokens|patch_embedding)$")
@@ -157,32 +158,44 @@ class QuantRecipe:
 
 @dataclass
 class SharedExpertCheck:
-    """Every MoE layer's shared expert is in the checkpoint, nonzero, and (when reloaded) loaded as stored.
+    """Every MoE layer's shared expert is in the checkpoint, of the expected shape, nonzero, and (when reloaded)
+    loaded as stored.
 
-    The AutoRound card's silent failure: the shared experts loaded as zeros and nothing complained."""
+    The AutoRound card's silent failure: the shared experts loaded as zeros and nothing complained. Two halves:
+    the checkpoint half is `m3lab.quant.inspector`'s check (MoE layers from whichever config fields exist, every
+    stored format dequantized); the reload half loads the folder in transformers and compares each loaded shared
+    expert with the stored one, which catches a loader that builds zeros from a good checkpoint. Per-layer detail
+    (module names, formats, shapes) is in the stage result's `inspect.shared_expert_check.layers`."""
 
     passed: bool
+    n_shared: int  # shared experts per MoE layer the config asks for (0: nothing to check)
     moe_layers: list[int]
+    sources: list[str]  # the config fields the MoE layers came from
+    checkpoint_passed: bool  # the inspector's half
     reloaded: bool  # whether the transformers-reload half ran (False: checkpoint half only)
     failing_layers: list[int]
     failures: list[str]  # one line per problem, each naming the layer and the tensor
+    notes: list[str]
 
 
 @dataclass
 class QuantReport:
-    """What is on disk. Definitions:
+    """What is on disk, as `m3lab.quant.inspector.inspect` measures it (its module docstring has the details):
 
-    * weight tensor: a stored tensor named `X.weight` (or `X.weight_packed`) with 2 or more dimensions, i.e.
-      the matrices of Linear / Embedding / conv modules, including the routed experts and lm_head. Norm weights
-      (1-D), biases and buffers (e.g. `e_score_correction_bias`) are not weight tensors.
+    * weight tensor: the matrix of a Linear / Embedding / conv module, or a stacked 3D expert parameter, in any
+      stored format (bf16, scaled FP8, GPTQ/AutoRound `qweight`, Quark MXFP4, MLX U32, compressed-tensors packed),
+      including the routed experts and lm_head. Norms, biases and buffers are not weights.
     * weight_params: the number of logical parameters of all weight tensors (the shape before any packing).
-    * weight_bits: the bits those tensors take on disk, *plus* their quantization tensors (`X.weight_scale`,
-      `X.weight_zero_point`, `X.weight_global_scale`, `X.weight_g_idx`, `X.weight_shape`).
-    * bits_per_weight = weight_bits / weight_params. A bf16 checkpoint gives exactly 16.0; FP8 with one bf16
-      scale per output channel gives 8 + 16/in_features on a quantized matrix, so > 8 overall.
+    * weight_stored_bytes: the bytes those tensors take on disk, *plus* their quantization tensors (scales, zero
+      points, g_idx, MLX biases, global scales).
+    * bits_per_weight = 8 * weight_stored_bytes / weight_params. A bf16 checkpoint gives exactly 16.0; FP8 with one
+      bf16 scale per output channel gives 8 + 16/in_features on a quantized matrix, so > 8 overall.
     * size_bytes: the sum of the sizes of every file of the checkpoint folder (symlinks followed), except this
       report itself.
-    * formats: per module (one per weight tensor) the stored format, e.g. {"fp8_e4m3 (dynamic act)": n, "bf16": m}.
+    * formats: modules per stored format, e.g. {"fp8_e4m3 channel": n, "bf16": m}; `activations` says how the
+      config quantizes their inputs ("dynamic" for FP8_DYNAMIC; None when the config does not say).
+    * excluded_modules: the weight modules stored in high precision while others are quantized (none when
+      nothing is quantized); `ignore` is the recipe's patterns that produced them.
     """
 
     recipe: str
@@ -191,13 +204,16 @@ class QuantReport:
     size_bytes: int
     safetensors_bytes: int
     files: int
+    quant_method: str | None
+    activations: str | None
     weight_params: int
-    weight_bits: int
+    weight_stored_bytes: int
     bits_per_weight: float
     formats: dict[str, int]
-    routed_expert_formats: dict[str, int]  # the `experts.E.w1/w2/w3` projections only
-    ignore: list[str]  # the patterns (as written in quantization_config.ignore)
-    excluded_modules: list[str]  # hub names of the weight-tensor modules those patterns match
+    routed_expert_formats: dict[str, int]  # the routed experts only
+    ignore: list[str]  # the recipe's patterns (as written in quantization_config.ignore)
+    excluded_modules: list[str]  # hub names of the weight modules left unquantized
+    problems: list[str]  # modules whose stored format the inspector could not make sense of
     shared_expert_check: SharedExpertCheck
     reload: dict[str, Any] | None  # transformers reload + generate, None when not verified
     dropped_keys: list[str]  # keys of the download that transformers does not load (e.g. mtp.*), not in output
@@ -208,6 +224,17 @@ class QuantReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def file_dict(self) -> dict[str, Any]:
+        """What `quant_report.json` holds: the report without its wall-clock timings (`seconds`,
+        `reload.load_generate_s`; the stage result keeps them). The output folder is content-addressed and shared
+        by every profile whose download, recipe and code are the same; re-making it must write the same bytes, or
+        it would invalidate the other runs' recorded artifacts (and so their reuse)."""
+        d = self.to_dict()
+        d.pop("seconds")
+        if d["reload"]:
+            d["reload"].pop("load_generate_s", None)
+        return d
+
 
 @dataclass
 class QuantResult:
@@ -216,6 +243,7 @@ class QuantResult:
     model_dir: str  # what serve / correctness load
     report_path: str
     report: QuantReport
+    inspect: dict[str, Any]  # m3lab.quant.inspector.inspect of the output: what `m3lab inspect model_dir` prints
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,19 +273,23 @@ def quantize(src_dir: str | Path, out_dir: str | Path | None, recipe: QuantRecip
     t0 = time.perf_counter()
     try:
         seconds, dropped, notes = RECIPES.load(recipe.recipe).quantize(src, tmp, recipe)
-        report = quant_report(tmp, recipe, verify=recipe.verify, seconds=seconds, dropped=dropped, notes=notes)
-        if not report.shared_expert_check.passed:
-            failures = "; ".join(report.shared_expert_check.failures)
-            raise QuantizeError(f"quantize: shared-expert check failed on {src}: {failures}")
-        report.model_dir = str(out)
+        inspection = inspector.inspect(tmp)
+        report = quant_report(tmp, recipe, verify=recipe.verify, seconds=seconds, dropped=dropped, notes=notes,
+                              inspection=inspection)
+        check = report.shared_expert_check
+        if not check.passed:
+            layers = f"MoE layers {check.failing_layers}" if check.failing_layers else "no MoE layer named"
+            raise QuantizeError(f"quantize: shared-expert check failed on {src} ({layers} of {check.moe_layers}): "
+                                + "; ".join(check.failures))
+        report.model_dir = inspection["model_dir"] = str(out)
         report.seconds["total"] = round(time.perf_counter() - t0, 3)
-        (tmp / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (tmp / REPORT_NAME).write_text(json.dumps(report.file_dict(), indent=2) + "\n", encoding="utf-8")
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return QuantResult(recipe=recipe.recipe, src_dir=str(src), model_dir=str(out),
-                       report_path=str(out / REPORT_NAME), report=report)
+                       report_path=str(out / REPORT_NAME), report=report, inspect=inspection)
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -371,8 +403,8 @@ def rewrite_hub_layout(model_dir: Path, src: Path) -> list[str]:
     if index.is_file():
         idx = json.loads(index.read_text(encoding="utf-8"))
         idx["weight_map"] = {renamed.get(k, k): v for k, v in idx["weight_map"].items()}
-        out_meta = _tensor_meta(model_dir)
-        idx.setdefault("metadata", {})["total_size"] = sum(_bits(out_meta, k) // 8 for k in out_meta)
+        idx.setdefault("metadata", {})["total_size"] = sum(t.nbytes for shard in _shards(model_dir)
+                                                           for t in inspector.read_header(shard).values())
         index.write_text(json.dumps(idx, indent=2) + "\n", encoding="utf-8")
     return sorted(restored)
 
@@ -451,30 +483,21 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in patterns)
 
 
-def _weight_modules(meta: dict[str, tuple[Path, str, list[int]]]) -> dict[str, str]:
-    """module name → the key of its weight tensor (see QuantReport: 2D+ `.weight` or `.weight_packed`)."""
-    mods: dict[str, str] = {}
-    for k, (_, _, shape) in meta.items():
-        if k.endswith(".weight") and len(shape) >= 2:
-            mods[k[: -len(".weight")]] = k
-        elif k.endswith(".weight_packed"):
-            mods[k[: -len(".weight_packed")]] = k
-    return mods
-
-
 def check_ignore_consistency(model_dir: Path, ignore: list[str]) -> None:
     """What `ignore` says = what is stored: a matched module is not quantized, and an unquantized module that a
-    loader would treat as a Linear target is matched (else vLLM expects a `weight_scale` that is not there)."""
-    meta = _tensor_meta(model_dir)
+    loader would treat as a Linear target is matched (else vLLM expects a `weight_scale` that is not there).
+    Modules and whether each is quantized come from the inspector's format detectors."""
+    _, mods, _ = inspector.scan(model_dir)
     problems = []
-    for mod in sorted(_weight_modules(meta)):
-        quantized = f"{mod}.weight_scale" in meta or f"{mod}.weight_packed" in meta
-        ignored = _matches(mod, ignore)
-        if quantized and ignored:
-            problems.append(f"{mod} matches ignore but was quantized: llm-compressor matches ignore against "
+    for name, m in sorted(mods.items()):
+        if not m.params:
+            continue
+        ignored = _matches(name, ignore)
+        if m.quantized and ignored:
+            problems.append(f"{name} matches ignore but was quantized: llm-compressor matches ignore against "
                             "transformers' module names, so patterns must match both spellings (see DEFAULT_IGNORE)")
-        elif not quantized and not ignored and not _NOT_LINEAR_RE.search(mod):
-            problems.append(f"{mod} is stored unquantized but matches no ignore pattern")
+        elif not m.quantized and not ignored and not _NOT_LINEAR_RE.search(name):
+            problems.append(f"{name} is stored unquantized but matches no ignore pattern")
     if problems:
         raise QuantizeError(f"quantize: {model_dir / 'config.json'} quantization_config.ignore disagrees with the "
                             f"weights ({len(problems)}): " + "; ".join(problems[:5]))
@@ -486,103 +509,56 @@ def check_ignore_consistency(model_dir: Path, ignore: list[str]) -> None:
 
 def quant_report(model_dir: str | Path, recipe: QuantRecipe, verify: bool = True,
                  seconds: dict[str, float] | None = None, dropped: list[str] | None = None,
-                 notes: list[str] | None = None) -> QuantReport:
-    """Measure a checkpoint folder (see QuantReport for the definitions); `verify` reloads it in transformers."""
+                 notes: list[str] | None = None, inspection: dict[str, Any] | None = None) -> QuantReport:
+    """Measure a checkpoint folder (see QuantReport for the definitions); `verify` reloads it in transformers.
+
+    `inspection` is `inspector.inspect(model_dir)` when the caller already has it. The report is returned even
+    when the shared-expert check fails (the caller raises); a reload that fails or loads something else than
+    what is stored raises `QuantizeError` here, unless the shared-expert check already explains it."""
     model_dir = Path(model_dir)
-    files = [p for p in sorted(model_dir.rglob("*")) if p.is_file() and p.name != REPORT_NAME]
-    size = sum(p.stat().st_size for p in files)  # stat follows symlinks
-    st_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
-    meta = _tensor_meta(model_dir)
+    ins = inspection if inspection is not None else inspector.inspect(model_dir)
     cfg = _read_config(model_dir)
-    act = _activation_label(cfg.get("quantization_config"))
-
-    params = bits = 0
-    formats: dict[str, int] = {}
-    expert_formats: dict[str, int] = {}
-    fmt_of: dict[str, str] = {}
-    for mod, wkey in sorted(_weight_modules(meta).items()):
-        _, dtype, shape = meta[wkey]
-        if wkey.endswith(".weight_packed"):
-            shape = _load(meta, f"{mod}.weight_shape").tolist()
-        params += _numel(shape)
-        bits += _bits(meta, wkey)
-        for suffix in _QUANT_SUFFIXES:
-            k = f"{mod}.{suffix}"
-            if k in meta and k != wkey:
-                bits += _bits(meta, k)
-        fmt = _DTYPE_NAME.get(dtype, dtype.lower())
-        if f"{mod}.weight_scale" in meta:
-            fmt = f"{fmt}{act}"
-        formats[fmt] = formats.get(fmt, 0) + 1
-        fmt_of[mod] = fmt
-        if re.search(r"\.experts\.\d+\.w[123]$", mod):
-            expert_formats[fmt] = expert_formats.get(fmt, 0) + 1
-
-    ignore = list(recipe.ignore) if recipe.recipe != "none" else []
-    excluded = sorted(m for m in _weight_modules(meta) if ignore and _matches(m, ignore))
     notes = list(notes or [])
-    model = None
+    model = load_error = None
+    info: dict[str, Any] = {}
     reload_info = None
+    t = time.perf_counter()
     if verify:
-        t = time.perf_counter()
-        model, info = load_for_check(model_dir)
-        bad = {k: v for k, v in info.items() if v}
-        if bad:
-            raise QuantizeError(f"{model_dir}: transformers reload does not match the checkpoint: "
-                                + "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in bad.items()))
+        try:
+            model, info = load_for_check(model_dir)
+        except Exception as e:  # noqa: BLE001 - a missing tensor can break the load; the check says which layer
+            load_error = e
+    if load_error is not None and ins["shared_expert_check"]["passed"]:
+        raise QuantizeError(f"{model_dir}: transformers reload failed: {type(load_error).__name__}: "
+                            f"{load_error}") from load_error
+    check = _check_shared(model_dir, ins["shared_expert_check"], model, reload=verify, load_error=load_error)
+    bad = {k: v for k, v in info.items() if v}
+    if check.passed and bad:
+        raise QuantizeError(f"{model_dir}: transformers reload does not match the checkpoint: "
+                            + "; ".join(f"{k}: {sorted(map(str, v))[:5]}" for k, v in bad.items()))
+    if model is not None and check.passed:
         reload_info = _generate(model, cfg)
         reload_info["load_generate_s"] = round(time.perf_counter() - t, 3)
-    check = check_shared_experts(model_dir, model=model) if verify else check_shared_experts(model_dir, reload=False)
     del model
-    groups = (("routed experts (w1/w2/w3)", r"\.experts\.\d+\.w[123]$"),
-              ("shared experts", r"\.shared_experts\.(gate|up|down)_proj$"),
-              ("router gates (MiniMaxM3VLTopKRouter, not an nn.Linear: never an FP8 target)",
-               r"\.block_sparse_moe\.gate$"),
-              ("indexer projections", r"\.self_attn\.index_[qk]_proj$"))
-    for label, rx in groups:
-        mods = [m for m in fmt_of if re.search(rx, m)]
-        if mods:
-            counts = {f: sum(fmt_of[m] == f for m in mods) for f in sorted({fmt_of[m] for m in mods})}
-            notes.append(f"{label}: {len(mods)} modules, stored as {counts}, "
-                         f"{sum(m in excluded for m in mods)} matched by ignore")
+    for label in ("routed experts", "shared experts", "router", "indexer"):
+        c = ins["classes"].get(label)
+        if c:
+            excluded = ins["excluded"]["by_class"].get(label, 0)
+            notes.append(f"{label}: {c['modules']} modules, stored as {c['formats']}, {excluded} left unquantized"
+                         + (" (MiniMaxM3VLTopKRouter is not an nn.Linear: never an FP8 target)"
+                            if label == "router" and excluded else ""))
+    notes += [f"inspector: {p}" for p in ins["problems"]]
     return QuantReport(
-        recipe=recipe.recipe, scheme=recipe.scheme, model_dir=str(model_dir), size_bytes=size,
-        safetensors_bytes=st_bytes, files=len(files), weight_params=params, weight_bits=bits,
-        bits_per_weight=round(bits / params, 4) if params else 0.0, formats=formats,
-        routed_expert_formats=expert_formats, ignore=ignore, excluded_modules=excluded,
-        shared_expert_check=check, reload=reload_info, dropped_keys=list(dropped or []), notes=notes,
-        seconds={k: round(v, 3) for k, v in (seconds or {}).items()}, versions=_versions())
-
-
-def _activation_label(qcfg: dict[str, Any] | None) -> str:
-    """' (dynamic act)' for FP8_DYNAMIC's per-token dynamic input quantization, ' (weight only)' without."""
-    if not qcfg:
-        return ""
-    acts = [g.get("input_activations") for g in (qcfg.get("config_groups") or {}).values()]
-    if any(a and a.get("dynamic") for a in acts):
-        return " (dynamic act)"
-    if any(acts):
-        return " (static act)"
-    return " (weight only)"
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
-
-
-def _bits(meta: dict[str, tuple[Path, str, list[int]]], key: str) -> int:
-    shard, dtype, shape = meta[key]
-    if dtype not in _DTYPE_BITS:
-        raise QuantizeError(f"{shard}: {key} has dtype {dtype}, which the report cannot size")
-    return _numel(shape) * _DTYPE_BITS[dtype]
-
-
-def _load(meta: dict[str, tuple[Path, str, list[int]]], key: str) -> torch.Tensor:
-    with safe_open(meta[key][0], "pt") as f:
-        return f.get_tensor(key)
+        recipe=recipe.recipe, scheme=recipe.scheme, model_dir=str(model_dir), size_bytes=ins["size_bytes"],
+        safetensors_bytes=ins["safetensors_bytes"], files=ins["files"], quant_method=ins["quant_method"],
+        activations=ins["activations"], weight_params=ins["weight_params"],
+        weight_stored_bytes=ins["weight_stored_bytes"], bits_per_weight=ins["bits_per_weight"],
+        formats={f: v["modules"] for f, v in ins["formats"].items()},
+        routed_expert_formats=dict((ins["classes"].get("routed experts") or {}).get("formats") or {}),
+        ignore=list(recipe.ignore) if recipe.recipe != "none" else [], excluded_modules=ins["excluded"]["modules"],
+        problems=list(ins["problems"]), shared_expert_check=check, reload=reload_info,
+        dropped_keys=list(dropped or []), notes=notes, seconds={k: round(v, 3) for k, v in (seconds or {}).items()},
+        versions=_versions())
 
 
 def _versions() -> dict[str, str]:
@@ -631,93 +607,84 @@ def _generate(model: torch.nn.Module, cfg: dict[str, Any], new_tokens: int = 4) 
     return {"ok": True, "prompt_ids": prompt, "generated_ids": new}
 
 
-_SHARED_PROJ = ("gate_proj", "up_proj", "down_proj")
+def check_shared_experts(model_dir: str | Path, model: torch.nn.Module | None = None,
+                         reload: bool = True) -> SharedExpertCheck:
+    """Checkpoint half (`inspector.check_shared_experts`): every MoE layer's shared expert is stored, of the
+    expected logical shape, and not all zeros, in any stored format. Reload half (`model` given, or loaded here
+    when `reload`): the loaded shared expert is nonzero and equals the checkpoint's dequantized values."""
+    model_dir = Path(model_dir)
+    checkpoint = inspector.check_shared_experts(model_dir).to_dict()
+    load_error = None
+    if model is None and reload and checkpoint["n_shared"]:
+        try:
+            model, _ = load_for_check(model_dir)
+        except Exception as e:  # noqa: BLE001 - e.g. transformers cannot init a missing FP8 tensor: say which layers
+            load_error = e
+    return _check_shared(model_dir, checkpoint, model, reload=reload, load_error=load_error)
 
 
 @torch.no_grad()
-def check_shared_experts(model_dir: str | Path, model: torch.nn.Module | None = None,
-                         reload: bool = True) -> SharedExpertCheck:
-    """Checkpoint half: every MoE layer has `block_sparse_moe.shared_experts.{gate,up,down}_proj` (weight and,
-    if quantized, its scale) and they are not all zeros. Reload half (`model` given, or loaded here when
-    `reload`): the loaded shared expert is nonzero and equals the checkpoint's (dequantized) values."""
-    model_dir = Path(model_dir)
-    meta = _tensor_meta(model_dir)
-    types = _text_config(_read_config(model_dir)).get("mlp_layer_types") or []
-    moe_layers = [i for i, t in enumerate(types) if t == "sparse"]
+def _check_shared(model_dir: Path, checkpoint: dict[str, Any], model: torch.nn.Module | None, reload: bool,
+                  load_error: BaseException | None = None) -> SharedExpertCheck:
+    """Both halves, from the inspector's check (its `to_dict()`) and the reloaded model (None: not loaded)."""
     failures: list[tuple[int | None, str]] = []  # (layer, message); None: not about one layer
-    stored: dict[int, dict[str, torch.Tensor]] = {}
-    for layer in moe_layers:
-        stored[layer] = {}
-        for proj in _SHARED_PROJ:
-            key = _find_key(meta, rf"(^|\.)layers\.{layer}\.block_sparse_moe\.shared_experts\.{proj}\.weight$")
-            if key is None:
-                failures.append((layer, f"layer {layer}: shared_experts.{proj}.weight missing from the checkpoint"))
-                continue
-            w = _dequant(meta, key)
-            if not torch.any(w != 0):
-                failures.append((layer, f"layer {layer}: shared_experts.{proj} is all zeros in {meta[key][0].name} "
-                                        f"({key})"))
-            stored[layer][proj] = w
-
-    reloaded = model is not None or reload
-    if reloaded and model is None:
-        try:
-            model, _ = load_for_check(model_dir)
-        except Exception as e:  # e.g. transformers cannot init a missing FP8 tensor: loud, but say which layers
-            failures.append((None, f"reload in transformers failed: {type(e).__name__}: {e}"))
-    if model is not None:
+    for layer, v in checkpoint["layers"].items():
+        failures += [(int(layer), p) for p in v["problems"]]
+    layered = {f for _, f in failures}
+    failures += [(None, f) for f in checkpoint["failures"] if f not in layered]
+    moe_layers = list(checkpoint["moe_layers"])
+    reloaded = bool(reload or model is not None) and bool(checkpoint["n_shared"] and moe_layers)  # else nothing to load
+    if reloaded and load_error is not None:
+        failures.append((None, f"reload in transformers failed: {type(load_error).__name__}: {load_error}"))
+    if reloaded and model is not None:
+        _, mods, _ = inspector.scan(model_dir)
         loaded = {int(m[1]): mod for name, mod in model.named_modules()
                   if "vision" not in name and (m := re.search(r"layers\.(\d+)\.mlp\.shared_experts$", name))}
         for layer in moe_layers:
             if layer not in loaded:
                 failures.append((layer, f"layer {layer}: the reloaded model has no mlp.shared_experts"))
                 continue
-            failures += [(layer, f) for f in _compare_loaded(layer, loaded[layer], stored[layer])]
-
+            tensors = checkpoint["layers"][str(layer)]["tensors"]
+            stored = inspector.shared_expert_weights(mods, tensors)
+            failures += [(layer, f) for f in _compare_loaded(layer, loaded[layer], stored)]
     failing = sorted({layer for layer, _ in failures if layer is not None})
-    return SharedExpertCheck(passed=not failures, moe_layers=moe_layers, reloaded=reloaded,
-                             failing_layers=failing, failures=[f for _, f in failures])
+    return SharedExpertCheck(passed=not failures, n_shared=checkpoint["n_shared"], moe_layers=moe_layers,
+                             sources=list(checkpoint["sources"]), checkpoint_passed=checkpoint["passed"],
+                             reloaded=reloaded, failing_layers=failing, failures=[f for _, f in failures],
+                             notes=list(checkpoint["notes"]))
 
 
-def _compare_loaded(layer: int, mod: torch.nn.Module, stored: dict[str, torch.Tensor]) -> list[str]:
-    """transformers fuses gate and up into `gate_up_proj` (gate rows first); compare per fused parameter."""
-    pairs: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
+def _compare_loaded(layer: int, mod: torch.nn.Module, stored: dict[str, Any]) -> list[str]:
+    """transformers fuses gate and up into `gate_up_proj` (gate rows first); compare per fused parameter.
+    `stored`: projection → dequantized float32 array (None: stored, but in a format not dequantized here, so
+    only the zero test applies); a projection absent from `stored` is not in the checkpoint."""
+    absent = object()
+    pairs: list[tuple[str, torch.Tensor, Any]] = []
     if hasattr(mod, "gate_up_proj"):
-        gu = [stored.get("gate_proj"), stored.get("up_proj")]
-        fused = torch.cat(gu) if all(t is not None for t in gu) else None
+        gu = [stored.get(p, absent) for p in ("gate", "up")]
+        fused = absent if any(x is absent for x in gu) else (
+            None if any(x is None for x in gu) else np.concatenate(gu, axis=-2))
         pairs.append(("gate_up_proj", mod.gate_up_proj.weight, fused))
     else:
-        pairs += [(p, getattr(mod, p).weight, stored.get(p)) for p in ("gate_proj", "up_proj")]
-    pairs.append(("down_proj", mod.down_proj.weight, stored.get("down_proj")))
+        pairs += [(f"{p}_proj", getattr(mod, f"{p}_proj").weight, stored.get(p, absent)) for p in ("gate", "up")]
+    pairs.append(("down_proj", mod.down_proj.weight, stored.get("down", absent)))
     out = []
     for name, got, want in pairs:
         got = got.detach().float()
         if not torch.any(got != 0):
             out.append(f"layer {layer}: shared_experts.{name} loaded as zeros")
-        elif want is None:
+        elif want is absent:
             out.append(f"layer {layer}: shared_experts.{name} loaded, but the checkpoint lacks a part of it "
                        "(so its values are freshly initialized)")
-        elif got.shape != want.shape:
+        elif want is None:
+            continue
+        elif list(got.shape) != list(want.shape):
             out.append(f"layer {layer}: shared_experts.{name} loaded with shape {list(got.shape)}, "
                        f"checkpoint {list(want.shape)}")
         else:
-            diff = (got - want.float()).abs().max().item()
-            tol = 1e-2 * want.float().abs().max().item() + 1e-6  # bf16 rounding of the dequantized product
+            want = torch.from_numpy(np.ascontiguousarray(want, dtype=np.float32))
+            diff = (got - want).abs().max().item()
+            tol = 1e-2 * want.abs().max().item() + 1e-6  # bf16 rounding of the dequantized product
             if diff > tol:
                 out.append(f"layer {layer}: shared_experts.{name} loaded != checkpoint (max abs diff {diff:.3g})")
     return out
-
-
-def _find_key(meta: dict[str, Any], pattern: str) -> str | None:
-    rx = re.compile(pattern)
-    hits = sorted(k for k in meta if rx.search(k) and "vision" not in k)
-    return hits[0] if hits else None
-
-
-def _dequant(meta: dict[str, tuple[Path, str, list[int]]], key: str) -> torch.Tensor:
-    """The stored weight in float32, times its per-channel/per-tensor `weight_scale` when quantized."""
-    w = _load(meta, key).float()
-    scale_key = key[: -len("weight")] + "weight_scale"
-    if scale_key in meta:
-        w = w * _load(meta, scale_key).float()
-    return w

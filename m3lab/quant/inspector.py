@@ -42,9 +42,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["InspectError", "TensorInfo", "Module", "MoeInfo", "QuantConfig", "SharedExpertCheck", "DETECTORS",
-           "moe_info", "moe_layers", "read_header", "load", "to_float", "unpack_bits", "group_tensors", "scan",
-           "module_class", "dequantize", "check_shared_experts", "inspect", "format_report", "main"]
+__all__ = ["REPORT_NAME", "InspectError", "TensorInfo", "Module", "MoeInfo", "QuantConfig", "SharedExpertCheck",
+           "DETECTORS", "moe_info", "moe_layers", "read_header", "load", "to_float", "unpack_bits", "group_tensors",
+           "scan", "module_class", "dequantize", "check_shared_experts", "shared_expert_weights", "inspect",
+           "format_report", "main"]
+
+
+# m3lab's own report about a folder it wrote (m3lab.quant.core): not part of the checkpoint, not counted in its size
+REPORT_NAME = "quant_report.json"
 
 
 class InspectError(RuntimeError):
@@ -277,6 +282,18 @@ class QuantConfig:
         if isinstance(self.mlx.get(name), dict):
             cfg.update(self.mlx[name])
         return str(cfg.get("mode", "affine")), cfg.get("bits"), cfg.get("group_size")
+
+    def activations(self) -> str | None:
+        """How the config says activations are quantized: "dynamic" (per token at run time, e.g. FP8_DYNAMIC),
+        "static" (calibrated scales), "weight only" (a compressed-tensors scheme without input activations), or
+        None when the config does not say (not compressed-tensors)."""
+        groups = [g for g in (self.qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+        if not groups:
+            return None
+        acts = [g.get("input_activations") for g in groups]
+        if any(a and a.get("dynamic") for a in acts):
+            return "dynamic"
+        return "static" if any(acts) else "weight only"
 
     def declared_exclusions(self) -> list[str]:
         out = [str(x) for k in ("ignore", "exclude", "modules_to_not_convert", "exclude_modules", "ignored_layers")
@@ -678,6 +695,29 @@ def check_shared_experts(model_dir: str | Path) -> SharedExpertCheck:
     return _check(config, mods)
 
 
+def shared_expert_weights(mods: dict[str, Module], tensors: dict[str, dict[str, Any]]) -> dict[str, np.ndarray | None]:
+    """The stored shared expert of one layer, dequantized to float32: projection ("gate", "up", "down") -> its
+    logical weight, rows split out of a fused `gate_up_proj` (gate rows first). `tensors` is a layer's
+    `SharedExpertCheck.layers[N]["tensors"]`. A projection that is not stored is absent; one whose format cannot be
+    dequantized (or whose module has a problem) maps to None. For comparing with what a loader built."""
+    out: dict[str, np.ndarray | None] = {}
+    cache: dict[str, np.ndarray | None] = {}
+    for proj, t in tensors.items():
+        name = t["module"]
+        m = mods.get(name)
+        if name not in cache:
+            try:
+                cache[name] = dequantize(m) if m is not None and not m.problem else None
+            except (NotImplementedError, ValueError, IndexError):
+                cache[name] = None
+        w = cache[name]
+        if w is not None and name.endswith("gate_up_proj"):
+            half = w.shape[-2] // 2
+            w = w[..., :half, :] if proj == "gate" else w[..., half:, :]
+        out[proj] = w
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The report
 
@@ -691,7 +731,8 @@ def inspect(model_dir: str | Path) -> dict[str, Any]:
     """A JSON-able report of the checkpoint folder (see the module docstring)."""
     model_dir = Path(model_dir)
     config, mods, shards = scan(model_dir)
-    files = [p for p in model_dir.rglob("*") if p.is_file() and ".cache" not in p.relative_to(model_dir).parts]
+    files = [p for p in model_dir.rglob("*") if p.is_file() and p.name != REPORT_NAME
+             and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)]  # .cache/, m3lab's marks
     sized = [m for m in mods.values() if m.params]
     quantized = any(m.quantized for m in sized)
     classes: dict[str, dict[str, Any]] = {}
@@ -709,6 +750,7 @@ def inspect(model_dir: str | Path) -> dict[str, Any]:
         "model_dir": str(model_dir),
         "passed": check.passed and not problems,
         "quant_method": q.method or ("mlx" if q.mlx else None),
+        "activations": q.activations(),
         "size_bytes": sum(p.stat().st_size for p in files),
         "safetensors_bytes": sum(p.stat().st_size for p in shards),
         "files": len(files),
@@ -737,12 +779,16 @@ def _size(n: float) -> str:
     return ""
 
 
+def _activations_text(act: str | None) -> str:
+    return "" if not act else " (weight only)" if act == "weight only" else f" ({act} activations)"
+
+
 def format_report(report: dict[str, Any]) -> str:
     r, check = report, report["shared_expert_check"]
     lines = [f"checkpoint {r['model_dir']}",
              f"  size on disk {_size(r['size_bytes'])} in {r['files']} files "
              f"(safetensors {_size(r['safetensors_bytes'])} in {r['shards']} shard{'s' * (r['shards'] != 1)})",
-             f"  quantization: {r['quant_method'] or 'none'}",
+             f"  quantization: {r['quant_method'] or 'none'}{_activations_text(r.get('activations'))}",
              f"  bits per weight: {r['bits_per_weight']:.4f} over {r['weight_params']:,} weights", "",
              f"  {'module class':<16}{'modules':>8}{'params':>16}{'bpw':>9}  formats"]
     for c, v in r["classes"].items():
