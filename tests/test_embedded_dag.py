@@ -107,6 +107,9 @@ def test_summary_json_has_every_documented_key(first_run):
     claims = {c["id"]: c for c in summary["claims"]}
     assert set(claims) == {"tiny-correctness", "tiny-parity", "tiny-needle", "tiny-arith", "tiny-arith-recovery"}
     for c in claims.values():
+        if c["id"] == "tiny-arith-recovery":  # no profile measures its baseline yet: judged only then
+            assert c["verdict"].startswith("not run (no baseline measured") and c["measured"] is None
+            continue
         assert c["verdict"] in ("reproduced", "not reproduced") and isinstance(c["measured"], (int, float))
     assert claims["tiny-correctness"]["verdict"] == "reproduced"  # the trained model knows its facts
     assert claims["tiny-needle"]["verdict"] == "reproduced"

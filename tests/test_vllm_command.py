@@ -84,6 +84,7 @@ def test_boolean_flags_are_bare_and_false_flags_absent(profile):
 def test_card_001_mxfp4_command_from_params_keeps_its_flags_verbatim():
     serve = Serve.model_validate({  # a profile's serve section, validated by the schema
         "engine": "vllm",
+        "allow_remote_code": True,  # the card passes --trust-remote-code
         "args": {
             "--trust-remote-code": True,
             "--block-size": 128,
