@@ -132,3 +132,18 @@ def test_prometheus_text_round_trip_of_a_real_family():
     text = "\n".join(line(s) for s in fam["samples"])
     again = parse_prometheus(f"# TYPE vllm:time_to_first_token_seconds histogram\n{text}\n")
     assert again["vllm:time_to_first_token_seconds"]["samples"] == fam["samples"]
+
+
+@pytest.mark.parametrize("name", ["h200-gpu-tiny-vllm", "h200-gpu-tiny-vllm-fp8"])
+def test_each_reference_names_the_commit_that_made_it(name):
+    import re
+    import subprocess
+
+    prov = json.loads((REPO_ROOT / "results" / "reference" / name / "provenance.json").read_text())
+    git = prov["git"]
+    assert "git_sha" not in prov and re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and git["source"]
+    known = subprocess.run(["git", "cat-file", "-e", f"{git['commit']}^{{commit}}"], cwd=REPO_ROOT,
+                           capture_output=True)
+    in_checkout = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=REPO_ROOT, capture_output=True).returncode == 0
+    if in_checkout:
+        assert known.returncode == 0, f"{git['commit']} is not a commit of this repository"
