@@ -54,12 +54,6 @@ class RunError(RuntimeError):
     """The run cannot start or cannot go on; the message says why."""
 
 
-def _code_of_notebook(path: Path) -> str:
-    """Only code cells count: editing markdown or clearing outputs does not invalidate a stage."""
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-
-
 def _picked(params: dict[str, Any], path: str) -> list[str]:
     """Values at a params path such as `serve.engine` or `correctness.evals[].runner`."""
     nodes: list[Any] = [params]
@@ -86,7 +80,7 @@ def fingerprints(params: dict[str, Any]) -> dict[str, str]:
         h = hashlib.sha256()
         h.update(st.name.encode())
         h.update(params_hash(st.slice(params)).encode())
-        h.update(_code_of_notebook(NOTEBOOKS / st.notebook).encode())
+        h.update(fingerprint.notebook_code(NOTEBOOKS / st.notebook).encode())
         mods = stage_modules(st, params)
         fingerprint.digest_files([fingerprint.module_path(m) for m in mods] + fingerprint.data_files(mods), h)
         for d in st.deps:
@@ -120,9 +114,11 @@ def _earlier_runs(profile_dir: Path) -> list[Path]:
 
 
 def _find_reusable(profile_dir: Path, st: StageSpec, fp: str, upstream: dict[str, str] | None = None,
-                   exclude: Path | None = None) -> tuple[Path | None, str]:
+                   exclude: Path | None = None, verified: dict[Path, list[str]] | None = None
+                   ) -> tuple[Path | None, str]:
     """The newest earlier run whose stage ended ok with this fingerprint, made from the same upstream outcomes
-    (when given), and whose artifacts are intact; else (None, why not)."""
+    (when given), and whose artifacts are intact; else (None, why not). `verified` keeps, for one run, what
+    re-hashing each result's artifacts found, so the runner's re-check does not read a checkpoint twice."""
     why = ""
     for run in _earlier_runs(profile_dir):
         if run == exclude:
@@ -141,7 +137,12 @@ def _find_reusable(profile_dir: Path, st: StageSpec, fp: str, upstream: dict[str
             why = why or f"{run.name} was made from upstream outcomes {made_from}, this run has {upstream}"
             continue
         result = run / st.name / "result.json"
-        problems = verify_artifacts(read_json(result)) if result.is_file() else []
+        if verified is not None and result in verified:
+            problems = verified[result]
+        else:
+            problems = verify_artifacts(read_json(result)) if result.is_file() else []
+            if verified is not None:
+                verified[result] = problems
         if problems:
             why = why or f"{run.name}'s cached artifacts changed: {problems[0]}"
             continue
@@ -150,7 +151,7 @@ def _find_reusable(profile_dir: Path, st: StageSpec, fp: str, upstream: dict[str
 
 
 def plan_run(params: Params, only: str | None = None, from_: str | None = None, force: bool = False,
-             root: Path | None = None) -> list[StagePlan]:
+             root: Path | None = None, verified: dict[Path, list[str]] | None = None) -> list[StagePlan]:
     """What each stage will do, assuming every stage that runs ends ok (the runner re-checks reuse against the
     outcomes it actually gets)."""
     for name, flag in ((only, "--only"), (from_, "--from")):
@@ -168,7 +169,7 @@ def plan_run(params: Params, only: str | None = None, from_: str | None = None, 
         selected = set(names)
     forced = force or only is not None or from_ is not None
     ok_upstream = {n: {d: "ok" for d in STAGES[n].deps} for n in names}
-    prev = {n: _find_reusable(profile_dir, STAGES[n], fps[n], ok_upstream[n]) for n in names}
+    prev = {n: _find_reusable(profile_dir, STAGES[n], fps[n], ok_upstream[n], verified=verified) for n in names}
 
     serve_needed = any(s.name in selected and (forced or prev[s.name][0] is None)
                        for s in STAGES.values() if s.needs_server)
@@ -318,7 +319,8 @@ def _ignore_further_signals() -> None:
 
 def _run(params: Params, profile_dir: Path, only: str | None, from_: str | None, force: bool,
          echo: Callable[[str], None], root: Path | None) -> RunReport:
-    plans = plan_run(params, only=only, from_=from_, force=force, root=root)
+    verified: dict[Path, list[str]] = {}  # artifacts re-hashed once per run (m3lab.digest)
+    plans = plan_run(params, only=only, from_=from_, force=force, root=root, verified=verified)
     resolved = params.model_dump(mode="json")
     run_id, run_dir = _new_run_dir(profile_dir)
     write_json(run_dir / "params.json", resolved)
@@ -337,7 +339,8 @@ def _run(params: Params, profile_dir: Path, only: str | None, from_: str | None,
             if plan.action == "reuse" and not blocked:
                 # Re-check against the outcomes this run actually got: a stage made after a failed upstream
                 # stage is not what this run's upstream would produce.
-                found, why_not = _find_reusable(run_dir.parent, st, plan.fingerprint, upstream, exclude=run_dir)
+                found, why_not = _find_reusable(run_dir.parent, st, plan.fingerprint, upstream, exclude=run_dir,
+                                                verified=verified)
                 if found is None:
                     plan = StagePlan(plan.name, "run", plan.fingerprint, reason=why_not or "upstream changed")
                     echo(f"{label} cannot be reused ({plan.reason})")
@@ -357,7 +360,7 @@ def _run(params: Params, profile_dir: Path, only: str | None, from_: str | None,
                     echo(f"{label} reused ({plan.reason})")
                 except OSError as e:  # a full or read-only disk: say where, and fail the stage, not the program
                     shutil.rmtree(dst, ignore_errors=True)
-                    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                    why = e.strerror or str(e)
                     info.update(status="failed", error=f"copying {plan.reuse_from} to {dst}: {why}")
                     failed.add(st.name)
                     echo(f"{label} failed: {info['error']}")

@@ -30,12 +30,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _files(root: Path) -> list[Path]:
+    """Every file under `root`, sorted; hidden ones (`.cache/`, m3lab's own marks) are not part of it."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(root).parts))
+
+
 def folder_manifest(folder: str | Path) -> dict[str, str]:
     """{relative path: sha256} of every file under `folder` (symlinked files hashed by content), sorted."""
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(root).parts))
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in _files(root)}
 
 
 def artifact(folder: str | Path) -> dict[str, Any]:
@@ -57,16 +61,10 @@ def verify_artifacts(result: dict[str, Any]) -> list[str]:
                 problems.append(f"{name}: {p} is missing")
             elif sha256_file(p) != sha:
                 problems.append(f"{name}: {p} changed (sha256 differs from the one recorded)")
-        have = folder_manifest_names(root)
-        extra = sorted(set(have) - set(want))
+        extra = sorted({p.relative_to(root).as_posix() for p in _files(root)} - set(want))
         if extra:
             problems.append(f"{name}: {root} has files it did not have: {', '.join(extra[:5])}")
     return problems
-
-
-def folder_manifest_names(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def run_folders(path: str | Path) -> list[Path]:

@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["PACKAGE_DIR", "module_path", "imports_of", "closure", "notebook_imports", "data_files",
+__all__ = ["PACKAGE_DIR", "module_path", "imports_of", "closure", "notebook_code", "notebook_imports", "data_files",
            "digest_files", "code_digest"]
 
 PACKAGE = "m3lab"
@@ -41,7 +41,8 @@ def module_path(module: str) -> Path | None:
 def _imported_names(tree: ast.AST, current: str) -> set[str]:
     """The m3lab modules a parsed module (named `current`) imports, anywhere in its body."""
     found: set[str] = set()
-    pkg = current if module_path(current) and module_path(current).name == "__init__.py" else current.rpartition(".")[0]
+    path = module_path(current)
+    pkg = current if path is not None and path.name == "__init__.py" else current.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
@@ -94,11 +95,16 @@ def closure(roots: Iterable[str]) -> list[str]:
     return sorted(seen)
 
 
+def notebook_code(notebook: Path) -> str:
+    """A notebook's code cells: editing markdown or clearing outputs changes nothing that runs."""
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
 def notebook_imports(notebook: Path) -> set[str]:
     """The m3lab modules a notebook's code cells import."""
-    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
-    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    lines = [ln for ln in code.splitlines() if not ln.lstrip().startswith(("%", "!"))]  # IPython magics
+    lines = [ln for ln in notebook_code(notebook).splitlines()
+             if not ln.lstrip().startswith(("%", "!"))]  # IPython magics
     return _imported_names(ast.parse("\n".join(lines)), "__notebook__")
 
 

@@ -366,9 +366,8 @@ def _load_tokenizer(tokenizer_dir: str):
 
 def run_needle(target: NeedleTarget, grid: Needle, tokenizer=None) -> NeedleResult:
     """Greedy completions for every cell that fits; raises NeedleError if every request failed."""
-    cfg = target
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(cfg.tokenizer_dir)
-    max_ctx = int(cfg.max_context) if cfg.max_context is not None else max_context_from_config(cfg.tokenizer_dir)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(target.tokenizer_dir)
+    max_ctx = int(target.max_context) if target.max_context is not None else max_context_from_config(target.tokenizer_dir)
     cells = plan_grid(grid.lengths, grid.depths, grid.max_tokens, max_ctx)
     hay = Haystack(tokenizer, grid.seed)
     unreachable = ""  # once the server refuses connections, later cells would only wait and fail
@@ -381,23 +380,23 @@ def run_needle(target: NeedleTarget, grid: Needle, tokenizer=None) -> NeedleResu
         c.key = make_key(grid.seed, c.length, c.depth)
         p = build_prompt(tokenizer, c.length, c.depth, c.key, haystack=hay)
         c.n_tokens, c.measured_depth = p.n_tokens, round(p.measured_depth, 2)
-        body = {"model": cfg.model, "prompt": p.text, "max_tokens": grid.max_tokens, "temperature": 0.0}
+        body = {"model": target.model, "prompt": p.text, "max_tokens": grid.max_tokens, "temperature": 0.0}
         try:
-            status, answer = transport.post_json(cfg.url, body, grid.request_timeout_s)
+            status, answer = transport.post_json(target.url, body, grid.request_timeout_s)
             if status != 200:
                 detail = answer if isinstance(answer, str) else json.dumps(answer)
-                c.status, c.error = "error", f"HTTP {status} from {cfg.url}: {detail[:300]}"
+                c.status, c.error = "error", f"HTTP {status} from {target.url}: {detail[:300]}"
                 continue
             c.completion = answer["choices"][0]["text"]
             c.status = "hit" if score_completion(c.completion, c.key) else "miss"
         except transport.TransportError as e:  # refused/reset/timed out: the server may be gone
-            c.status, c.error = "error", f"{type(e).__name__} from {cfg.url}: {e}"
-            unreachable = f"server at {cfg.url} unreachable since length={c.length} depth={c.depth}"
+            c.status, c.error = "error", f"{type(e).__name__} from {target.url}: {e}"
+            unreachable = f"server at {target.url} unreachable since length={c.length} depth={c.depth}"
         except Exception as e:  # noqa: BLE001 - one bad cell (timeout, bad JSON) must not lose the others
-            c.status, c.error = "error", f"{type(e).__name__} from {cfg.url}: {e}"
+            c.status, c.error = "error", f"{type(e).__name__} from {target.url}: {e}"
     ran = [c for c in cells if c.ran]
     if ran and all(c.status == "error" for c in ran):
-        raise NeedleError(f"needle: all {len(ran)} requests to {cfg.url} failed; first error: {ran[0].error}")
+        raise NeedleError(f"needle: all {len(ran)} requests to {target.url} failed; first error: {ran[0].error}")
     return NeedleResult(lengths=list(grid.lengths), depths=list(grid.depths),
                         max_context=max_ctx, cells=cells)
 

@@ -321,13 +321,13 @@ class Benchmark(_Section):
     input_len: int = Field(128, gt=0, le=1_048_576)  # prompt tokens (local tokenizer, without special tokens)
     output_len: int = Field(32, gt=0, le=1_048_576)  # max_tokens
     ignore_eos: bool = True  # ask for exactly output_len tokens, the engine's way (engines.*.force_output_len)
-    temperature: float = Field(0.0, ge=0, le=2, allow_inf_nan=False)  # 0: greedy
+    temperature: float = Field(0.0, ge=0, le=2)  # 0: greedy
     seed: int = Field(0, ge=0, le=2**32 - 1)
     # Untimed requests before each level's timed part = warmup_factor × concurrency, sent at that concurrency so at
     # least one full batch has run (InferenceX: 2 × conc). 0: no warm-up.
     warmup_factor: int = Field(2, ge=0, le=16)
-    request_timeout_s: float = Field(300.0, gt=0, le=86_400, allow_inf_nan=False)  # one request, connect to last byte
-    total_timeout_s: float = Field(3600.0, gt=0, le=7 * 86_400, allow_inf_nan=False)  # the whole sweep, warm-ups too
+    request_timeout_s: float = Field(300.0, gt=0, le=86_400)  # one request, connect to last byte
+    total_timeout_s: float = Field(3600.0, gt=0, le=7 * 86_400)  # the whole sweep, warm-ups too
     crosscheck_vllm_bench: bool = False  # also run `vllm bench serve` at each level; agree within ±10%, or disagree
 
 
