@@ -18,11 +18,15 @@ Tolerance rules (edges inclusive):
 
 `measure` is a dotted path into the stage's result, where a segment `name[key=value,...]` selects the first
 element of the list `name` whose fields match: `levels[concurrency=1].output_throughput`,
-`cells[length=4096,depth=50].status`, `evals[id=gsm8k].mean`. A claim of `kind: recovery` compares
-measured/baseline × 100 (the card's "Recovery (%)") instead of the raw value, and is judged only when this run
-measured the baseline too (`baseline_measure`). Dividing by the card's own baseline number would make the
-recovery the score claim again under another tolerance, so without a measured baseline the verdict is
-`not run (no baseline measured …)`; the card's baseline stays in the ledger as what the card said.
+`cells[length=4096,depth=50].status`, `evals[id=gsm8k].mean`.
+
+A claim of `kind: recovery` (the card's "Recovery (%)") is judged on the eval's *paired* record: the eval its
+`measure` points into (`evals[id=gsm8k].score_pct` → `evals[id=gsm8k]`) carries `paired`, the item-by-item
+comparison with a baseline this run measured (m3lab.evals.paired: same harness, same items, same metric). The
+measured value is `paired.recovery_pct`; a `stderr` tolerance uses `paired.recovery_stderr_pct`. Dividing by the
+card's own baseline number would make the recovery the score claim again under another tolerance, so without a
+paired record the verdict is `not run (…)` with its reason; the card's baseline stays in the ledger as what the
+card said.
 """
 
 from __future__ import annotations
@@ -152,6 +156,21 @@ def _stage_result(run_dir: Path, stage: str) -> tuple[dict[str, Any] | None, str
     return read_json(path), ""
 
 
+def _recovery(result: dict[str, Any], claim: dict[str, Any]) -> tuple[float, float | None]:
+    """(recovery %, its stderr) from the paired record of the eval the claim's measure points into."""
+    eval_path = claim["measure"].rsplit(".", 1)[0]
+    try:
+        pair = lookup(result, f"{eval_path}.paired")
+    except MeasureNotFound:
+        raise NoBaseline(f"no baseline measured: {eval_path} has no paired record; the card's baseline "
+                         f"{claim.get('baseline')} is what the card said, not a measurement of these items") from None
+    if pair.get("status") != "ok":
+        raise NoBaseline(pair.get("reason") or "no baseline measured")
+    if pair.get("recovery_pct") is None:
+        raise NoBaseline(pair.get("recovery_reason") or "recovery undefined")
+    return float(pair["recovery_pct"]), pair.get("recovery_stderr_pct")
+
+
 def evaluate_claims(claims: list[dict[str, Any]], run_dir: Path) -> list[Verdict]:
     """Judge every claim against this run's stage results."""
     verdicts = []
@@ -170,13 +189,9 @@ def evaluate_claims(claims: list[dict[str, Any]], run_dir: Path) -> list[Verdict
         else:
             try:
                 measured = lookup(result, c["measure"])
-                if c.get("kind") == "recovery":
-                    if not c.get("baseline_measure"):
-                        raise NoBaseline(f"no baseline measured: the card's baseline {c.get('baseline')} is what "
-                                         f"the card said, not a measurement of these items by this harness")
-                    base = lookup(result, c["baseline_measure"])
-                    measured = 100.0 * float(measured) / float(base)
                 stderr = lookup(result, c["measure_stderr"]) if c.get("measure_stderr") else None
+                if c.get("kind") == "recovery":
+                    measured, stderr = _recovery(result, c)
                 ok, delta = judge(claimed, measured, tolerance, stderr)
                 verdict = "reproduced" if ok else "not reproduced"
             except NoBaseline as e:

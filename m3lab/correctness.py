@@ -13,16 +13,22 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from m3lab import evals
+from m3lab import evals, numerics
 from m3lab.client import RequestFailed, complete
-from m3lab.stage import StageContext
+from m3lab.engines import served_checkpoint
+from m3lab.evals import paired
+from m3lab.numerics import prefix_match_rate
+from m3lab.registry import ENGINES
+from m3lab.stage import StageContext, newest_ok_run, read_json, results_root
 
 __all__ = ["PromptResult", "ParityResult", "run_suite", "prefix_match_rate", "offline_greedy", "run_parity",
-           "run_one_eval", "run_stage"]
+           "baseline_target", "with_baseline", "run_evals", "run_stage"]
 
 
 @dataclass
@@ -53,19 +59,6 @@ def run_suite(server: dict[str, Any], prompts: list[dict[str, Any]], max_tokens:
         results.append(PromptResult(p["id"], p.get("lang", "en"), p["prompt"], p["expect"], out, not missing,
                                     missing))
     return results
-
-
-def prefix_match_rate(a: list[int], b: list[int]) -> float:
-    """Common-prefix length over the longer length; two empty sequences match fully."""
-    longest = max(len(a), len(b))
-    if longest == 0:
-        return 1.0
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n / longest
 
 
 def offline_greedy(model_dir: str, prompts: list[str], max_tokens: int) -> list[str]:
@@ -125,5 +118,137 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         }
     else:
         result["parity"] = {"status": "not run", "reason": "correctness.parity.enabled is false in the profile"}
-    result["evals"] = [evals.run_one(ev, server, ctx.stage_dir / "evals" / ev["id"]) for ev in cfg.get("evals", [])]
+    result["evals"] = run_evals(ctx, cfg, server)
+    result["numerics"] = run_numerics(ctx, cfg["numerics"], server)  # last: its concurrent batch may crash a server
     return result
+
+
+def _prefix_cache_off(argv: list[str]) -> str | None:
+    if "--no-enable-prefix-caching" in argv:
+        return "prefix caching is off (--no-enable-prefix-caching in serve.args)"
+    return None
+
+
+def run_numerics(ctx: StageContext, cfg: dict[str, Any], server: dict[str, Any]) -> dict[str, Any]:
+    """m3lab.numerics's four checks. The offline reference is the checkpoint the quantize stage made, so a fault
+    planted in the served copy (serve.fault) shows as a parity failure."""
+    if not cfg["enabled"]:
+        return {"verdict": "not run", "reason": "correctness.numerics.enabled is false in the profile"}
+    from transformers import AutoTokenizer
+
+    served = ctx.upstream("serve")
+    tok = AutoTokenizer.from_pretrained(served["tokenizer_dir"])
+    model_dir = ctx.upstream("quantize")["model_dir"]
+    return numerics.run_checks(server, cfg, ENGINES.get(server["engine"]).meta, tok,
+                               lambda: numerics.OfflineModel(model_dir, tok), ctx.params["needle"]["lengths"],
+                               served["max_model_len"], _prefix_cache_off(server.get("argv") or []))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Accuracy evals, and their baseline measured item by item (params `correctness.baseline`).
+
+
+def _newest_ok_run(profile: str) -> Path:
+    run_dir = newest_ok_run(profile, "correctness")
+    if run_dir is None:
+        raise paired.Unpaired(f"no run of profile {profile!r} under {results_root() / profile} has a correctness "
+                              f"stage that ended ok (run it first: m3lab run {profile})")
+    return run_dir
+
+
+def _rebase(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """An eval record read from another run folder, its files found there even if that folder has moved."""
+    runs = []
+    for r in record.get("runs", []):
+        path = Path(r["results_path"])
+        if not path.is_file() and "correctness" in path.parts:
+            path = run_dir.joinpath(*path.parts[path.parts.index("correctness"):])
+        runs.append({**r, "results_path": str(path)})
+    return {**record, "runs": runs}
+
+
+@contextmanager
+def baseline_target(ctx: StageContext, base: dict[str, Any] | None, server: dict[str, Any]) -> Iterator[dict | None]:
+    """Where the baseline's evals come from, for the duration of the evals: {"server": …} to run them on (a
+    second server of the same engine and settings, on the download checkpoint, stopped afterwards), or
+    {"run_dir": …} of another profile's run to read them from. None: no baseline in the profile."""
+    if not base:
+        yield None
+        return
+    if base.get("checkpoint") != "download":
+        try:
+            run_dir = _newest_ok_run(base["profile"])
+        except paired.Unpaired as e:
+            yield {"source": f"profile {base['profile']}", "error": str(e)}
+            return
+        yield {"source": f"profile {base['profile']}, run {run_dir.name}", "run_dir": run_dir}
+        return
+    from m3lab import serve  # the serve stage's own start/stop: the server is recorded, so the runner stops it
+
+    cfg = ctx.params["serve"]
+    engine = server["engine"]
+    served = served_checkpoint(engine, ctx.upstream("download")["model_dir"], cfg.get("text_only", False))
+    # Needs room for a second server (on a GPU: memory for both models).
+    rec = serve.start_server(engine, served, cfg, ctx.run_dir, name="baseline")
+    try:
+        yield {"source": f"the download checkpoint, served by a second {engine} server with the same settings",
+               "server": {**asdict(rec), "model_dir": served}}
+    finally:
+        serve.stop_server(asdict(rec))
+
+
+def with_baseline(record: dict[str, Any], target: dict[str, Any] | None, base: dict[str, Any] | None = None,
+                  error: str | None = None) -> dict[str, Any]:
+    """The eval record, with `baseline` (its record) and `paired` (m3lab.evals.paired) — or `paired` saying
+    `not run (why)`, never a number, when the two cannot be compared item by item."""
+    if target is None:
+        return {**record, "paired": {"status": "not run", "reason": "no baseline measured (correctness.baseline "
+                                                                    "is not set in the profile)"}}
+    if record.get("status") != "ok":
+        return {**record, "paired": {"status": "not run", "reason": f"the eval itself did not run: "
+                                                                    f"{record.get('reason')}"}}
+    try:
+        if error or base is None:
+            raise paired.Unpaired(error or "no baseline record")
+        if base.get("status") != "ok":
+            raise paired.Unpaired(f"the baseline eval did not run: {base.get('reason')}")
+        pair = {**paired.pair_records(record, base), "source": target["source"]}
+    except paired.Unpaired as e:
+        return {**record, "paired": {"status": "not run", "reason": f"{target['source']}: {e}"}}
+    keep = ("status", "score", "stderr", "score_pct", "stderr_pct", "runner_version", "samples", "runs")
+    return {**record, "baseline": {k: base.get(k) for k in keep}, "paired": pair}
+
+
+def _read_baseline(run_dir: Path, ev: dict[str, Any]) -> dict[str, Any]:
+    result = read_json(run_dir / "correctness" / "result.json")
+    hits = [e for e in result.get("evals", []) if e.get("id") == ev["id"]]
+    if not hits:
+        raise paired.Unpaired(f"that run has no eval {ev['id']!r}")
+    return _rebase(hits[0], run_dir)
+
+
+def run_evals(ctx: StageContext, cfg: dict[str, Any], server: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each eval on this run's server; with a baseline server, the same eval on it at the same time (two
+    servers, two lm-eval processes: the pair costs about one eval's wall time on two cores)."""
+    if not cfg.get("evals"):
+        return []
+    out = []
+    # The pool outside: on an error or an interrupt the baseline server is stopped first, so the baseline's
+    # lm-eval fails at once instead of being waited for.
+    with ThreadPoolExecutor(max_workers=1) as pool, baseline_target(ctx, cfg.get("baseline"), server) as target:
+        for ev in cfg["evals"]:
+            ev_dir = ctx.stage_dir / "evals" / ev["id"]
+            future = None
+            if target is not None and "server" in target:
+                future = pool.submit(evals.run_one, ev, target["server"], ev_dir / "baseline")
+            record = evals.run_one(ev, server, ev_dir)
+            base, error = None, (target or {}).get("error")
+            if future is not None:
+                base = future.result()
+            elif target is not None and "run_dir" in target:
+                try:
+                    base = _read_baseline(target["run_dir"], ev)
+                except paired.Unpaired as e:
+                    error = str(e)
+            out.append(with_baseline(record, target, base, error))
+    return out

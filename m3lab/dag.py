@@ -43,7 +43,7 @@ from m3lab.digest import verify_artifacts
 from m3lab.params import REPO_ROOT, Params, load_params, params_hash
 from m3lab.registry import REGISTRIES, STAGES, StageSpec
 from m3lab.report import RunReport
-from m3lab.stage import read_json, results_root, write_json
+from m3lab.stage import newest_ok_run, read_json, results_root, write_json
 
 __all__ = ["STAGES", "RunError", "RunReport", "run", "plan_run", "fingerprints", "stage_modules"]
 
@@ -85,8 +85,21 @@ def fingerprints(params: dict[str, Any]) -> dict[str, str]:
         fingerprint.digest_files([fingerprint.module_path(m) for m in mods] + fingerprint.data_files(mods), h)
         for d in st.deps:
             h.update(fps[d].encode())
+        h.update(_outside_inputs(st.name, params))
         fps[st.name] = h.hexdigest()
     return fps
+
+
+def _outside_inputs(stage: str, params: dict[str, Any]) -> bytes:
+    """What a stage reads from outside this run: the correctness stage's baseline profile run (its newest ok
+    run's result), so a re-run of the baseline profile re-runs the comparison instead of reusing it."""
+    base = (params.get("correctness") or {}).get("baseline") or {}
+    if stage != "correctness" or not base.get("profile"):
+        return b""
+    run_dir = newest_ok_run(base["profile"], "correctness")
+    if run_dir is None:
+        return b"baseline: none"
+    return hashlib.sha256((run_dir / "correctness" / "result.json").read_bytes()).hexdigest().encode()
 
 
 # --------------------------------------------------------------------------------------------------------------

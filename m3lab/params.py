@@ -212,6 +212,10 @@ class Serve(_Section):
     # Engine flags exactly as on the command line: {"--tensor-parallel-size": 8, "--enforce-eager": true}.
     args: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
+    # Folders (relative to the repo root, or absolute) put in front of the server's inherited PYTHONPATH: how a
+    # profile states an engine plugin it needs, e.g. tools/f2/vllm_plugin (the fix for vLLM 0.25.1's M3 sparse
+    # path, vLLM #48603). Setting PYTHONPATH in `env` instead would replace the path the engine runs from.
+    python_path: list[str] = Field(default_factory=list)
 
     # Sampling the card's users set server-side (card 003: temperature 1.0, top_p 0.95, top_k 40); m3lab's own
     # measuring requests stay greedy unless a stage says otherwise.
@@ -225,6 +229,13 @@ class Serve(_Section):
         if self.args.get("--trust-remote-code") and not self.allow_remote_code:
             raise ValueError("args: --trust-remote-code runs Python code shipped with the checkpoint; the profile "
                              "must say so with serve.allow_remote_code: true")
+        if "PYTHONPATH" in self.env:
+            raise ValueError("env: PYTHONPATH would replace the path the engine runs from; list the folders in "
+                             "serve.python_path instead (they are put in front of it)")
+        for folder in self.python_path:
+            path = Path(folder) if Path(folder).is_absolute() else REPO_ROOT / folder
+            if not path.is_dir():
+                raise ValueError(f"python_path: {folder!r} is not a folder ({path})")
         return self
 
     @field_validator("args")
@@ -289,11 +300,47 @@ class Eval(_Section):
         return v
 
 
+class Numerics(_Section):
+    """m3lab.numerics: non-finite outputs, determinism, teacher-forced parity and prefix-cache A/B."""
+
+    enabled: bool = True
+    lengths: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)  # [] → the needle lengths
+    edges: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [127, 128, 129, 511, 512, 513])
+    max_tokens: int = Field(8, gt=0, le=4096)
+    repeats: int = Field(3, ge=2, le=100)  # each determinism probe alone, then once more in a concurrent batch
+    batch: int = Field(4, ge=1, le=256)  # determinism / prefix-cache probes, sent together
+    max_mean_abs_delta: float = Field(0.05, ge=0)  # teacher-forced parity: mean |Δ logprob| per probe, nats
+    min_top1: float = Field(0.99, ge=0, le=1)  # teacher-forced parity: top-1 agreement per probe
+    seed: int = 0
+    request_timeout_s: float = Field(600.0, gt=0)
+
+
+class Baseline(_Section):
+    """What recoveries are measured against: the same evals on the unquantized checkpoint, item by item
+    (m3lab.evals.paired). Exactly one source:
+
+    checkpoint: download   the download stage's checkpoint, served by a second server of the same engine and
+                           settings while the evals run (room for two servers: on a GPU, memory for both)
+    profile: NAME          the newest run of another profile (e.g. a bf16 one) whose correctness stage ended ok
+    """
+
+    checkpoint: Literal["download"] | None = None
+    profile: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Baseline":
+        if (self.checkpoint is None) == (self.profile is None):
+            raise ValueError("name exactly one baseline source: checkpoint: download, or profile: <name>")
+        return self
+
+
 class Correctness(_Section):
     max_tokens: int = Field(16, gt=0)
     prompts: list[Prompt] = Field(min_length=1)
     parity: Parity = Field(default_factory=Parity)
     evals: list[Eval] = Field(default_factory=list)
+    baseline: Baseline | None = None  # None: recoveries are `not run (no baseline measured)`
+    numerics: Numerics = Field(default_factory=Numerics)
 
 
 class Needle(_Section):
@@ -371,16 +418,19 @@ class Claim(_Section):
     stage: StageName
     measure: str  # dotted path into the stage's result.json (m3lab.claims.lookup)
     measure_stderr: str | None = None
-    baseline_measure: str | None = None
     tolerance: Tolerance
     note: str = ""
 
     @model_validator(mode="after")
     def _recovery_has_a_baseline(self) -> "Claim":
-        if self.kind == "recovery" and self.baseline is None and self.baseline_measure is None:
-            raise ValueError("a recovery claim needs the card's baseline (what it said) or a baseline_measure "
-                             "(where this run measures it; only then is it judged)")
-        if self.tolerance.stderr is not None and not self.measure_stderr:
+        # A recovery is judged on the paired record of the eval `measure` points into (m3lab.claims), never
+        # on the card's baseline; the card's baseline is kept as what the card said.
+        if self.kind == "recovery" and self.baseline is None:
+            raise ValueError("a recovery claim states the card's baseline (what the card said it recovered from)")
+        if self.kind == "recovery" and not self.measure.startswith("evals["):
+            raise ValueError(f"measure {self.measure!r}: a recovery claim points into an eval's record "
+                             f"(e.g. evals[id=gsm8k].score_pct), whose paired record m3lab judges")
+        if self.tolerance.stderr is not None and not self.measure_stderr and self.kind != "recovery":
             raise ValueError("a stderr tolerance needs measure_stderr (where the stage reports the stderr)")
         return self
 
@@ -429,6 +479,19 @@ class Params(_Section):
             raise ValueError(f"benchmark: input_len {self.benchmark.input_len} + output_len "
                              f"{self.benchmark.output_len} = {need} exceeds model.max_model_len "
                              f"{self.model.max_model_len}")
+        return self
+
+    @model_validator(mode="after")
+    def _baseline_can_be_served(self) -> "Params":
+        base = self.correctness.baseline
+        if base is None:
+            return self
+        if base.checkpoint is not None:
+            if self.quantize.recipe == "none":
+                raise ValueError("correctness.baseline.checkpoint: download is the checkpoint this profile "
+                                 "serves (quantize.recipe none): a recovery against itself measures nothing")
+        if base.profile == self.profile:
+            raise ValueError(f"correctness.baseline.profile: {base.profile!r} is this profile")
         return self
 
     @model_validator(mode="after")

@@ -71,6 +71,8 @@ def _serve_lines(p: Params) -> list[str]:
     lines = [shlex.join(argv)]
     if p.serve.env:
         lines.append("env: " + " ".join(f"{k}={v}" for k, v in p.serve.env.items()))
+    if p.serve.python_path:
+        lines.append("PYTHONPATH in front: " + ":".join(p.serve.python_path) + " (engine plugins the profile states)")
     if p.serve.sampling:
         lines.append(f"sampling defaults the card's users set: {p.serve.sampling}")
     if p.hardware.nodes > 1:
@@ -82,6 +84,14 @@ def _correctness_lines(p: Params) -> list[str]:
     c = p.correctness
     lines = [f"{len(c.prompts)} greedy prompts: " + ", ".join(f"{x.id}→{x.expect}" for x in c.prompts),
              "serving parity vs offline transformers greedy" if c.parity.enabled else "parity: off"]
+    if c.numerics.enabled:
+        n = c.numerics
+        lines.append(f"numerics: non-finite outputs, determinism ({n.repeats}× alone + a batch of {n.batch}), "
+                     f"parity at lengths {n.lengths or 'of the needle'} + edges {n.edges}, prefix-cache A/B "
+                     f"(where the engine has one)")
+    if c.baseline is not None:
+        src = "the download checkpoint on the same server" if c.baseline.checkpoint else f"profile {c.baseline.profile}"
+        lines.append(f"baseline for recoveries: every eval again on {src}, paired item by item (--log_samples)")
     server = {"model": p.serve.served_model_name, "base_url": "http://127.0.0.1:8000/v1", "engine": p.serve.engine}
     for e in c.evals:
         lines += EVAL_RUNNERS.load(e.runner).plan_lines(e.model_dump(mode="json"), server)

@@ -102,7 +102,16 @@ class StageSpec:
     summary: str = ""
 
     def slice(self, params: dict[str, Any]) -> dict[str, Any]:
-        return {s: params[s] for s in self.sections}
+        """The params this stage reads (and is fingerprinted by): whole sections, or one key of a section
+        written `section.key`."""
+        out: dict[str, Any] = {}
+        for s in self.sections:
+            top, _, key = s.partition(".")
+            if key:
+                out.setdefault(top, {})[key] = params[top][key]
+            else:
+                out[top] = params[top]
+        return out
 
 
 _STAGES = [
@@ -114,7 +123,10 @@ _STAGES = [
     StageSpec("serve", "03_serve.ipynb", "m3lab.serve", ("serve", "hardware", "model"), deps=("quantize",),
               plugins=(("engine", "serve.engine"), ("fault", "serve.fault")),
               summary="start the engine's OpenAI-compatible server on 127.0.0.1 and wait for health"),
-    StageSpec("correctness", "04_correctness.ipynb", "m3lab.correctness", ("correctness",), deps=("serve",),
+    # correctness also reads the needle lengths (the numerics checks probe the lengths the needle stage sends)
+    # and the serve settings (a baseline checkpoint gets a second server with the same ones).
+    StageSpec("correctness", "04_correctness.ipynb", "m3lab.correctness", ("correctness", "needle.lengths", "serve"),
+              deps=("serve",),
               needs_server=True, plugins=(("eval runner", "correctness.evals[].runner"),),
               summary="prompt suite, serving parity against offline greedy, accuracy evals"),
     StageSpec("needle", "05_needle.ipynb", "m3lab.needle", ("needle", "model"), deps=("serve",), needs_server=True,
@@ -140,9 +152,16 @@ for _s in _STAGES:
 # Engines: how a server is started (m3lab.engines.<name>: `command`, `executable`, `package`, …).
 
 ENGINES = Registry("engine", "serve.engine", [
+    # What each engine's server can return (m3lab.numerics reads it): logprobs of generated tokens, vLLM's
+    # prompt_logprobs, and whether it has a prefix cache.
     Entry("transformers", "m3lab.engines.transformers", "`transformers serve` on CPU (the embedded default)"),
-    Entry("vllm", "m3lab.engines.vllm", "`vllm serve` on GPUs (the cards' engine)"),
-    Entry("mlx", "m3lab.engines.mlx", "`mlx_lm.server` on Apple silicon (card 003's oMLX stand-in)"),
+    Entry("vllm", "m3lab.engines.vllm", "`vllm serve` on GPUs (the cards' engine)",
+          {"logprobs": True, "prompt_logprobs": True, "prefix_cache": True}),
+    Entry("mlx", "m3lab.engines.mlx", "`mlx_lm.server` on Apple silicon (card 003's oMLX stand-in)",
+          {"logprobs": True}),
+    Entry("reference", "m3lab.engines.reference", "m3lab's reference server: transformers forward passes behind "
+          "/v1/completions with vLLM's prompt_logprobs, for CPU fidelity checks",
+          {"logprobs": True, "prompt_logprobs": True}),
 ])
 
 # Quantization recipes (m3lab.quant.<name>: `quantize(src, tmp, options)`). `implemented: False` is a recipe
@@ -177,6 +196,9 @@ FAULTS = Registry("fault", "serve.fault", [
           "every MoE layer's shared expert loads as zeros (card 002's silent failure)"),
     Entry("wrong_rope_theta", "m3lab.faults.wrong_rope_theta",
           "RoPE base 10,000 instead of 5,000,000 (a loader that ignores rope_parameters)"),
+    Entry("nan_routed_expert", "m3lab.faults.nan_routed_expert",
+          "one routed expert of the first MoE layer holds NaN (NaN logits from some position on, as vLLM 0.25.1's "
+          "M3 sparse path returned)"),
 ])
 
 REGISTRIES: dict[str, Registry] = {r.kind: r for r in (ENGINES, RECIPES, EVAL_RUNNERS, FAULTS)}

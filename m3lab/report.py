@@ -97,8 +97,12 @@ def _quantize(r: dict) -> dict:
 
 def _serve(r: dict) -> dict:
     s = r.get("server", {})
-    return {"engine": s.get("engine"), "engine_version": r.get("engine_version"), "startup_s": s.get("startup_s"),
-            "command": s.get("command"), "opt_ins": r.get("opt_ins")}
+    out = {"engine": s.get("engine"), "engine_version": r.get("engine_version"), "startup_s": s.get("startup_s"),
+           "command": s.get("command"), "opt_ins": r.get("opt_ins")}
+    if r.get("python_path"):  # engine plugins the profile put on the server's path, and what they said
+        out["python_path"] = r["python_path"]
+        out["plugin_said"] = (r.get(s.get("engine") or "") or {}).get("f2fix")
+    return out
 
 
 def _correctness(r: dict) -> dict:
@@ -148,11 +152,82 @@ def build_summary(rep: RunReport, duration_s: float) -> dict[str, Any]:
     for stage in _HEADLINES:
         summary[stage] = headline(rep.run_dir, stage, rep.stages.get(stage, {"status": "not run",
                                                                              "reason": "not reached"}))
+    summary["checks"] = checks(rep.run_dir, summary)
     plot = rep.run_dir / "plot" / "result.json"
     summary["claims"] = [{k: c[k] for k in ("id", "card", "metric", "unit", "claimed", "measured", "delta",
                                             "verdict")} for c in (read_json(plot).get("claims", [])
                                                                   if plot.is_file() else [])]
     return summary
+
+
+def _result(run_dir: Path, stage: str, summary: dict[str, Any]) -> dict[str, Any] | None:
+    if summary.get(stage, {}).get("status") not in ("ok", "reused"):
+        return None
+    path = run_dir / stage / "result.json"
+    return read_json(path) if path.is_file() else None
+
+
+def checks(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every verdict a reader must see beside the numbers: the numerics checks (m3lab.numerics), each eval's
+    paired comparison with its baseline (m3lab.evals.paired), and the benchmark's cross-check against vllm bench
+    serve. One row each: {check, verdict, detail}; a check whose stage did not run says `not run`."""
+    rows: list[dict[str, Any]] = []
+    corr = _result(run_dir, "correctness", summary)
+    num = (corr or {}).get("numerics")
+    for name in ("nonfinite", "determinism", "parity", "prefix_cache"):
+        label = f"numerics: {name.replace('_', ' ')}"
+        if not isinstance(num, dict) or name not in num:
+            why = num.get("reason") if isinstance(num, dict) else "the correctness stage did not run ok"
+            rows.append({"check": label, "verdict": "not run", "detail": why or "not measured"})
+            continue
+        c = num[name]
+        if c.get("verdict") == "not run":
+            detail = c.get("reason", "")
+        elif name == "nonfinite":
+            f = c.get("findings", [])
+            detail = (f"{len(f)} of {c.get('probes')} probes: " + "; ".join(
+                f"{x['n_tokens']} tokens: {x['kind']}" for x in f[:4])) if f else f"0 of {c.get('probes')} probes"
+        elif name == "determinism":
+            detail = f"mismatch rate {c.get('mismatch_rate', 0):.3g} over {c.get('requests')} requests"
+        elif name == "parity":
+            bad = [r for r in c.get("rows", []) if not r.get("passed")]
+            detail = c.get("method", "") + (f"; failing lengths: {[r['n_tokens'] for r in bad]}" if bad else "")
+        else:
+            bad = [r for r in c.get("rows", []) if not r.get("same_tokens")]
+            detail = f"{len(bad)} of {len(c.get('rows', []))} probes differ cached vs cold"
+        rows.append({"check": label, "verdict": c.get("verdict"), "detail": detail})
+    for ev in (corr or {}).get("evals", []):
+        pair = ev.get("paired") or {}
+        label = f"recovery: {ev.get('id')}"
+        if pair.get("status") != "ok":
+            rows.append({"check": label, "verdict": "not run", "detail": pair.get("reason", "no paired record")})
+            continue
+        rec, se = pair.get("recovery_pct"), pair.get("recovery_stderr_pct")
+        d = pair["discordant"]
+        detail = (f"{pair['items']} items: baseline {100 * pair['baseline_mean']:.1f}%, quantized "
+                  f"{100 * pair['quantized_mean']:.1f}%, recovery "
+                  f"{'—' if rec is None else f'{rec:.1f}'}% ± {'—' if se is None else f'{se:.1f}'} (paired stderr), "
+                  f"Δ {pair['diff_pct']:+.1f} ± {pair['diff_stderr_pct']:.1f} points; flipped "
+                  f"{d['only_baseline_right']} lost / {d['only_quantized_right']} gained, McNemar p "
+                  f"{pair['mcnemar_p']:.3g}; baseline: {pair.get('source')}")
+        rows.append({"check": label, "verdict": "measured", "detail": detail})
+    bench = _result(run_dir, "benchmark", summary)
+    cross = (bench or {}).get("crosscheck")
+    if cross:
+        verdict = cross.get("status", "not run")
+        rows.append({"check": "benchmark: cross-check with vllm bench serve",
+                     "verdict": "fail" if verdict == "disagree" else "pass" if verdict == "agree" else "not run",
+                     "detail": cross.get("summary") or cross.get("reason") or verdict})
+    return rows
+
+
+def _checks_html(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>No checks ran.</p>"
+    css = {"pass": "ok", "fail": "failed", "measured": "ok"}
+    body = "".join(f"<tr><td>{_fmt(r['check'])}</td><td class='{css.get(r['verdict'], 'notrun')}'>"
+                   f"{_fmt(r['verdict'])}</td><td>{_fmt(r['detail'])}</td></tr>" for r in rows)
+    return f"<table><tr><th>check</th><th>verdict</th><th>detail</th></tr>{body}</table>"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -309,6 +384,7 @@ Machine-readable: <a href='summary.json'>summary.json</a>, <a href='provenance.j
 {''.join(stage_rows)}</table>
 <h2>Headline numbers</h2>
 <table>{_headline_rows(summary)}</table>
+<h2>Checks</h2>{_checks_html(summary.get("checks", []))}
 <h2>Claims</h2>{_claims_html(summary.get("claims", []))}
 <h2>Figures</h2>{fig_html or '<p>No figures (the plot stage did not run).</p>'}
 """

@@ -14,8 +14,8 @@ mid-run fails the stage with its log tail instead of a bare connection error.
 from __future__ import annotations
 
 import json
+import os
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from m3lab import client, procs
+from m3lab.engines import served_checkpoint
 from m3lab.registry import ENGINES
-from m3lab.stage import StageContext, StageError, read_json, write_json
+from m3lab.stage import REPO_ROOT, StageContext, StageError, read_json, write_json
 from m3lab.vllm_obs import decisive_lines
 
 __all__ = ["ServerRecord", "build_command", "display_command", "check_engine", "start_server",
@@ -58,7 +59,10 @@ def display_command(argv: list[str]) -> str:
 
 
 def _executable(engine: str, argv: list[str]) -> list[str]:
-    """Run the engine from this interpreter's environment (the GPU host has no `vllm` script on PATH)."""
+    """Run the engine from this interpreter's environment (the GPU host has no `vllm` script on PATH). A command
+    already written `python -m MODULE …` keeps its words, with this interpreter for `python`."""
+    if argv[:2] == ["python", "-m"]:
+        return [sys.executable, *argv[1:]]
     return [sys.executable, "-m", ENGINES.load(engine).MODULE, *argv[1:]]
 
 
@@ -86,13 +90,27 @@ def _pick_port(serve: dict[str, Any]) -> int:
     return port
 
 
+def python_path(serve: dict[str, Any]) -> list[str]:
+    """serve.python_path as absolute folders (relative ones are under the repo root)."""
+    return [str(Path(p) if Path(p).is_absolute() else REPO_ROOT / p) for p in serve.get("python_path") or []]
+
+
+def server_env(serve: dict[str, Any]) -> dict[str, str]:
+    """serve.env, with serve.python_path in front of the inherited PYTHONPATH."""
+    env = dict(serve.get("env") or {})
+    extra = python_path(serve)
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in [os.environ.get("PYTHONPATH", "")] if p])
+    return env
+
+
 def start_server(engine: str, model_dir: str, serve: dict[str, Any], run_dir: Path, name: str = "server",
                  model_name: str | None = None) -> ServerRecord:
     """Start the server, record it, wait for /health. On any failure the server is stopped again."""
     port = _pick_port(serve)
     argv = build_command(engine, model_dir, serve, port)
     log_path = run_dir / "servers" / f"{name}.log"
-    proc = procs.start_detached(_executable(engine, argv), log_path, env=serve.get("env") or {})
+    proc = procs.start_detached(_executable(engine, argv), log_path, env=server_env(serve))
     rec = ServerRecord(
         engine=engine, argv=argv, command=display_command(argv), host=serve["host"], port=port,
         base_url=f"http://{serve['host']}:{port}/v1",
@@ -143,31 +161,6 @@ def _smoke(rec: ServerRecord) -> dict[str, Any]:
     return {"first_completion_s": round(time.monotonic() - t0, 3), "text": out["choices"][0]["text"]}
 
 
-def served_checkpoint(engine: str, model_dir: str, text_only: bool, fault: str = "none") -> str:
-    """The folder the engine loads. transformers serve needs the text-only model (the VL processor needs
-    torchvision); vLLM takes the VL checkpoint as is, or a text-only one in vLLM's layout when asked.
-    A planted `fault` (m3lab.faults, for fault-injection tests) breaks a copy, never the checkpoint itself."""
-    # Layout conversion needs torch (seconds to import): only here, so `m3lab run` can stop servers without it.
-    from m3lab import checkpoint, faults
-
-    flavor = ENGINES.load(engine).checkpoint_flavor(text_only)
-    if flavor is None and fault == "none":
-        return model_dir
-    dst = Path(f"{model_dir.rstrip('/')}" + (f".text-{flavor}" if flavor else "") +
-               (f".fault-{fault}" if fault != "none" else ""))
-    if not (dst / "config.json").is_file():
-        tmp = dst.with_name(f".{dst.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if flavor:
-            checkpoint.text_only(Path(model_dir), tmp, flavor=flavor)
-        else:
-            shutil.copytree(model_dir, tmp, symlinks=False)
-        faults.apply_fault(tmp, fault)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)  # complete or absent: a crash mid-conversion leaves only the .partial folder
-    return str(dst)
-
-
 def check_context(model_dir: str, max_model_len: int) -> int:
     """The model's own context (config.json `max_position_embeddings`, top level or `text_config`); a profile
     asking for more is an error before any server starts (a 4096-token model must not "hit" an 8192 needle)."""
@@ -195,6 +188,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "server": asdict(rec),
         "engine_version": version,
         "tokenizer_dir": served_dir,
+        "text_only": bool(serve.get("text_only", False)),
+        "python_path": serve.get("python_path") or [],  # engine plugins the profile states (e.g. a vLLM fix)
         "max_model_len": model["max_model_len"],
         "smoke": smoke,
         "fault": serve.get("fault", "none"),

@@ -23,7 +23,7 @@ from typing import Any
 from m3lab.params import REPO_ROOT, load_params
 from m3lab.registry import STAGES
 
-__all__ = ["StageContext", "StageError", "context", "results_root", "write_json", "read_json"]
+__all__ = ["StageContext", "StageError", "context", "results_root", "newest_ok_run", "write_json", "read_json"]
 
 
 class StageError(RuntimeError):
@@ -33,6 +33,18 @@ class StageError(RuntimeError):
 def results_root() -> Path:
     """Where runs go: $M3LAB_RESULTS or <repo>/results."""
     return Path(os.environ.get("M3LAB_RESULTS", REPO_ROOT / "results")).resolve()
+
+
+def newest_ok_run(profile: str, stage: str) -> Path | None:
+    """The newest run folder of `profile` (under results_root()) whose `stage` ended ok or reused."""
+    for status_path in sorted((results_root() / profile).glob(f"*/{stage}/status.json"), reverse=True):
+        try:
+            ok = read_json(status_path).get("status") in ("ok", "reused")
+        except (OSError, ValueError):
+            continue  # a half-written run folder is not a baseline
+        if ok and (status_path.parent / "result.json").is_file():
+            return status_path.parent.parent
+    return None
 
 
 def write_json(path: Path, obj: Any) -> None:

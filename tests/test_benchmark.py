@@ -217,7 +217,7 @@ def test_engines_force_the_output_length_their_own_way():
     assert body == {"model": "m", "prompt": "p", "max_tokens": 7, "temperature": 0.0}  # not mutated
     load = Benchmark(concurrency=[1])
     forced = {e: output_len_forced(Target("http://h:1", "m", "t", e), load) for e in ENGINES.names()}
-    assert forced == {"transformers": True, "vllm": True, "mlx": False}
+    assert forced == {"transformers": True, "vllm": True, "mlx": False, "reference": True}
     assert not output_len_forced(Target("http://h:1", "m", "t", "vllm"), Benchmark(concurrency=[1], ignore_eos=False))
 
 

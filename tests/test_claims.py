@@ -67,21 +67,34 @@ def _run_dir(tmp_path, status="ok", result=RESULT):
 
 
 def test_verdicts_reproduced_not_reproduced_and_recovery(tmp_path):
-    run = _run_dir(tmp_path, result={**RESULT, "baseline": {"score_pct": 95.30}})
+    paired = {"status": "ok", "recovery_pct": 98.8, "recovery_stderr_pct": 0.3}
+    result = {**RESULT, "evals": [{**RESULT["evals"][0], "paired": paired}]}
+    run = _run_dir(tmp_path, result=result)
     v = evaluate_claims([_claim(), _claim(id="far", claimed=90.0),
-                         _claim(id="rec", kind="recovery", baseline=95.30, claimed=98.84, tolerance={"abs": 0.5},
-                                baseline_measure="baseline.score_pct")],
+                         _claim(id="rec", kind="recovery", baseline=95.30, claimed=98.84, tolerance={"abs": 0.5}),
+                         _claim(id="rec-se", kind="recovery", baseline=95.30, claimed=100.0,
+                                tolerance={"stderr": 2})],
                         run)
-    assert [x.verdict for x in v] == ["reproduced", "not reproduced", "reproduced"]
+    assert [x.verdict for x in v] == ["reproduced", "not reproduced", "reproduced", "not reproduced"]
     assert v[0].delta == 0.0 and v[1].delta == pytest.approx(4.19)
-    assert v[2].measured == pytest.approx(100 * 94.19 / 95.30, abs=1e-3)
+    assert v[2].measured == 98.8  # the paired record's recovery, not 94.19 / the card's 95.30
+    assert v[3].delta == pytest.approx(-1.2)  # 1.2 > 2 × 0.3: the paired stderr is the yardstick
 
 
 def test_a_recovery_against_the_cards_own_baseline_is_not_judged(tmp_path):
     (v,) = evaluate_claims([_claim(id="rec", kind="recovery", baseline=95.30, claimed=98.84,
                                    tolerance={"abs": 0.5})], _run_dir(tmp_path))
     assert v.measured is None and v.delta is None
-    assert v.verdict.startswith("not run (no baseline measured: the card's baseline 95.3 is what the card said")
+    assert v.verdict.startswith("not run (no baseline measured: evals[id=gsm8k] has no paired record; the card's "
+                                "baseline 95.3 is what the card said")
+
+
+def test_a_recovery_whose_pairing_failed_says_why(tmp_path):
+    unpaired = {"status": "not run", "reason": "profile x: other items: 3 only in the quantized run"}
+    result = {**RESULT, "evals": [{**RESULT["evals"][0], "paired": unpaired}]}
+    (v,) = evaluate_claims([_claim(id="rec", kind="recovery", baseline=95.30, claimed=98.84,
+                                   tolerance={"abs": 0.5})], _run_dir(tmp_path, result=result))
+    assert v.measured is None and v.verdict == "not run (profile x: other items: 3 only in the quantized run)"
 
 
 def test_a_claim_whose_stage_did_not_run_shows_no_number(tmp_path):

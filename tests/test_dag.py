@@ -230,8 +230,8 @@ def test_editing_a_file_outside_a_stages_closure_leaves_it_reusable(params, pack
 
     resolved = params.model_dump(mode="json")
     closures = {n: set(dag.stage_modules(st, resolved)) for n, st in STAGES.items()}
-    # train.py is in no stage's closure; memplan only in plan's; ppl only where an eval names that runner.
-    for module in ("m3lab.train", "m3lab.memplan", "m3lab.evals.ppl", "m3lab.engines.vllm"):
+    # train.py is in no stage's closure; memplan only in plan's; lighteval only where an eval names that runner.
+    for module in ("m3lab.train", "m3lab.memplan", "m3lab.evals.lighteval", "m3lab.engines.vllm"):
         f = fingerprint.module_path(module)
         before = fingerprints(resolved)
         f.write_bytes(f.read_bytes() + b"\n# edited\n")

@@ -64,6 +64,20 @@ def test_stage_results_come_from_the_real_parts(first_run):
     arith = corr["evals"][0]
     assert arith["id"] == "tiny_arith" and arith["status"] == "ok" and arith["samples"] == 40  # real lm-eval
     assert 0.0 <= arith["score"] <= 1.0 and arith["score_pct"] == pytest.approx(100 * arith["score"], abs=1e-3)
+    # The bf16 baseline on the same server, the same 40 items, paired from lm-eval's own --log_samples files.
+    base, pair = arith["baseline"], arith["paired"]
+    assert base["status"] == "ok" and base["samples"] == 40 and pair["status"] == "ok" and pair["items"] == 40
+    assert pair["baseline_mean"] == pytest.approx(base["score"]) and pair["quantized_mean"] == pytest.approx(
+        arith["score"])
+    d = pair["discordant"]
+    assert len(pair["flipped"]) == d["only_baseline_right"] + d["only_quantized_right"]
+    assert pair["recovery_pct"] == pytest.approx(100 * arith["score"] / base["score"])
+    assert base["runs"][0]["command"].count("--log_samples") == 1
+    num = corr["numerics"]
+    assert num["lengths"] == [127, 128, 129, 511, 512, 513, 1024, 2048, 4000]
+    assert num["nonfinite"]["verdict"] == "pass" and num["determinism"]["verdict"] == "pass"
+    assert num["parity"]["verdict"] == "pass" and "greedy" in num["parity"]["method"]  # no logprobs on CPU
+    assert num["prefix_cache"]["verdict"] == "not run"
     needle = read("needle")
     assert needle["cells_run"] == needle["cells_total"] == 20
     bench = read("benchmark")
@@ -107,10 +121,11 @@ def test_summary_json_has_every_documented_key(first_run):
     claims = {c["id"]: c for c in summary["claims"]}
     assert set(claims) == {"tiny-correctness", "tiny-parity", "tiny-needle", "tiny-arith", "tiny-arith-recovery"}
     for c in claims.values():
-        if c["id"] == "tiny-arith-recovery":  # no profile measures its baseline yet: judged only then
-            assert c["verdict"].startswith("not run (no baseline measured") and c["measured"] is None
-            continue
         assert c["verdict"] in ("reproduced", "not reproduced") and isinstance(c["measured"], (int, float))
+    assert claims["tiny-arith-recovery"]["measured"] == pytest.approx(pair["recovery_pct"], abs=1e-3)
+    assert claims["tiny-arith"]["measured"] == pytest.approx(base["score_pct"], abs=1e-3)  # bf16, like the card
+    assert {c["check"] for c in summary["checks"]} >= {"numerics: nonfinite", "numerics: determinism",
+                                                        "numerics: parity", "recovery: tiny_arith"}
     assert claims["tiny-correctness"]["verdict"] == "reproduced"  # the trained model knows its facts
     assert claims["tiny-needle"]["verdict"] == "reproduced"
     prov = json.loads((rep.run_dir / "provenance.json").read_text())

@@ -45,6 +45,16 @@ CASES = [
     ({"quantize": {"recipe": "int3"}}, r"quantize\.recipe: unknown recipe 'int3'; registered:"),
     ({"correctness": {"evals": [{"id": "tiny_arith", "runner": "helm", "metric": "a,b"}]}},
      r"runner: unknown eval runner 'helm'; registered: lm_eval, lighteval, prompt_logprobs_ppl"),
+    ({"serve": {"env": {"PYTHONPATH": "/x"}}}, r"serve: env: PYTHONPATH would replace.*serve\.python_path"),
+    ({"serve": {"python_path": ["tools/no-such-plugin"]}}, r"serve: python_path: 'tools/no-such-plugin' is not a folder"),
+    ({"correctness": {"baseline": {"checkpoint": None}}}, r"correctness\.baseline: .*exactly one baseline source"),
+    ({"correctness": {"baseline": {"checkpoint": "download", "profile": "x"}}}, r"exactly one baseline source"),
+    ({"correctness": {"baseline": {"checkpoint": None, "profile": "bad"}}},
+     r"correctness\.baseline\.profile: 'bad' is this profile"),
+    ({"correctness": {"baseline": {"checkpoint": None, "profile": "../x"}}}, r"correctness\.baseline\.profile"),
+    ({"quantize": {"recipe": "none"}}, r"download is the checkpoint this profile serves"),
+    ({"correctness": {"numerics": {"repeats": 1}}}, r"correctness\.numerics\.repeats"),
+    ({"correctness": {"numerics": {"edges": [0]}}}, r"correctness\.numerics\.edges"),
 ]
 
 

@@ -135,3 +135,29 @@ def test_vllm_text_only_checkpoint_has_vllms_layout(tiny_checkpoint):
     mtime = (out / "config.json").stat().st_mtime_ns  # a second serve reuses the folder
     assert served_checkpoint("vllm", str(tiny_checkpoint), text_only=True) == str(out)
     assert (out / "config.json").stat().st_mtime_ns == mtime
+
+
+def test_the_f2fix_plugin_line_is_a_startup_fact_and_its_absence_is_not():
+    from m3lab.engines import vllm
+
+    log = ("INFO model loaded\n"
+           "[m3lab_f2fix pid=101] patched MiniMaxM3IndexerTritonImpl.forward and MiniMaxM3SparseTritonImpl.forward "
+           "(upstream #49149)\n"
+           "[m3lab_f2fix pid=202] patched MiniMaxM3IndexerTritonImpl.forward and MiniMaxM3SparseTritonImpl.forward "
+           "(upstream #49149)\n")
+    assert vllm.startup_facts(log)["f2fix"] == [
+        "patched MiniMaxM3IndexerTritonImpl.forward and MiniMaxM3SparseTritonImpl.forward"]
+    off = "[m3lab_f2fix pid=7] M3LAB_F2FIX=0: vLLM left as shipped\n"
+    assert vllm.startup_facts(off)["f2fix"] == ["M3LAB_F2FIX=0: vLLM left as shipped"]
+    assert "f2fix" not in vllm.startup_facts("INFO model loaded\n")
+
+
+def test_python_path_goes_in_front_of_the_inherited_one(monkeypatch):
+    from m3lab.serve import server_env
+
+    monkeypatch.setenv("PYTHONPATH", "/tmp/site")
+    env = server_env({"env": {"A": "1"}, "python_path": ["tools/f2/vllm_plugin"]})
+    first, rest = env["PYTHONPATH"].split(":", 1)
+    assert first.endswith("/tools/f2/vllm_plugin") and Path(first).is_dir() and rest == "/tmp/site"
+    assert env["A"] == "1"
+    assert "PYTHONPATH" not in server_env({"env": {}})  # nothing to add: the inherited one stays as it is

@@ -25,8 +25,11 @@ export M3LAB_RESULTS=/tmp/m3lab-results PYTHONUNBUFFERED=1
 export M3LAB_GIT_COMMIT=${M3LAB_GIT_COMMIT:-$(cat .gpu/commit 2>/dev/null)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 rc=0
+# M3LAB_RUN_TIMEOUT (s): stop a run in time for a lease that ends. m3lab treats SIGTERM like Ctrl-C: servers
+# stopped, status `interrupted`, summary written, so the folder below is still packed.
 for profile in "$@"; do
-  python3 -m m3lab run "$profile" 2>&1 | tee "$out/run-$profile.log" || rc=1
+  timeout --signal=TERM --kill-after=30 "${M3LAB_RUN_TIMEOUT:-86400}" python3 -m m3lab run "$profile" 2>&1 \
+    | tee "$out/run-$profile.log" || rc=1
 done
 tar -czf "$out/results.tar.gz" -C /tmp --exclude='m3lab-results/.cache' m3lab-results
 exit $rc

@@ -16,9 +16,13 @@ for a fixed output length, and nothing else:
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
-__all__ = ["flags"]
+from m3lab.registry import ENGINES
+
+__all__ = ["flags", "served_checkpoint"]
 
 
 def flags(args: dict[str, Any]) -> list[str]:
@@ -34,3 +38,28 @@ def flags(args: dict[str, Any]) -> list[str]:
         else:
             out += [flag, str(value)]
     return out
+
+
+def served_checkpoint(engine: str, model_dir: str, text_only: bool, fault: str = "none") -> str:
+    """The folder the engine loads. transformers serve needs the text-only model (the VL processor needs
+    torchvision); vLLM takes the VL checkpoint as is, or a text-only one in vLLM's layout when asked.
+    A planted `fault` (m3lab.faults, for fault-injection tests) breaks a copy, never the checkpoint itself."""
+    # Layout conversion needs torch (seconds to import): only here, so `m3lab run` can stop servers without it.
+    from m3lab import checkpoint, faults
+
+    flavor = ENGINES.load(engine).checkpoint_flavor(text_only)
+    if flavor is None and fault == "none":
+        return model_dir
+    dst = Path(f"{model_dir.rstrip('/')}" + (f".text-{flavor}" if flavor else "") +
+               (f".fault-{fault}" if fault != "none" else ""))
+    if not (dst / "config.json").is_file():
+        tmp = dst.with_name(f".{dst.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if flavor:
+            checkpoint.text_only(Path(model_dir), tmp, flavor=flavor)
+        else:
+            shutil.copytree(model_dir, tmp, symlinks=False)
+        faults.apply_fault(tmp, fault)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)  # complete or absent: a crash mid-conversion leaves only the .partial folder
+    return str(dst)

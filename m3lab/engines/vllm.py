@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from m3lab.engines import flags
@@ -32,4 +33,13 @@ def force_output_len(body: dict[str, Any], n: int) -> dict[str, Any] | None:
 def startup_facts(log_text: str) -> dict[str, Any] | None:
     # Weights per GPU, KV-cache capacity, max concurrency: card 002 quotes exactly these
     # ("87.6 GiB per GPU, KV 46,464 tokens").
-    return parse_server_log(log_text).to_dict()
+    facts = parse_server_log(log_text).to_dict()
+    # What the m3lab_f2fix plugin (tools/f2/vllm_plugin, via serve.python_path) said in each process it loaded
+    # in: "patched …", "M3LAB_F2FIX=0: vLLM left as shipped", or "already handles the buffer layout".
+    said = sorted({m.group(1) for m in _F2FIX.finditer(log_text)})
+    if said:
+        facts["f2fix"] = said
+    return facts
+
+
+_F2FIX = re.compile(r"\[m3lab_f2fix pid=\d+\] ([^\n(]*[^\n( ])")

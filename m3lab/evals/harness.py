@@ -22,7 +22,8 @@ An eval in params (one entry of `evals:`):
 Placeholders in string values: `{model}` (the name to send), `{base_url}` (ending in /v1), `{tokenizer}` (the
 folder the server loads). Only these three are replaced, so JSON values (`--metadata`, `--gen_kwargs`) keep
 their braces. m3lab adds `--seed`, `--output_path` and, when a task is one m3lab ships (m3lab/tasks/),
-`--include_path`; everything else is the card's command line as typed.
+`--include_path`, and `--log_samples` (one record per item, for paired comparisons); everything else is the
+card's command line as typed.
 
 lm-eval 0.4.13 writes `<output_path>/<model name sanitized>/results_<ISO time>.json` (and `samples_<task>_<time>
 .jsonl` with --log_samples); each seed gets its own output folder, so the newest results file there is this
@@ -204,6 +205,8 @@ def build_command(ev: dict[str, Any], server: Any, output_dir: str | Path, seed:
         argv += ["--limit", str(ev["limit"])]
     if seed is not None:
         argv += ["--seed", str(seed)]
+    if "--log_samples" not in ev["args"]:
+        argv.append("--log_samples")  # one record per item: what paired comparisons (m3lab.evals.paired) read
     return argv + ["--output_path", str(output_dir)]
 
 

@@ -1,0 +1,208 @@
+"""Numerics checks (m3lab.numerics): each must fire on a broken server and stay green on an intact one.
+
+Real parts where they can exist here: the trained tiny M3 served by `transformers serve` on 127.0.0.1, with the
+planted faults of m3lab.faults (`nan_routed_expert`: NaN logits, the signature vLLM 0.25.1 showed; and
+`zero_shared_experts`), against offline transformers on the intact checkpoint, as the correctness stage runs
+them. Two behaviours cannot be produced by any engine that runs on this CPU — a server whose greedy answers change
+from request to request, and one whose prefix cache serves other numbers than a cold pass — so those two
+detectors are tested against small stand-in servers that do exactly that, and say so.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CPU_SERVE
+from transformers import AutoTokenizer
+
+from m3lab import numerics, serve
+from m3lab.params import Numerics
+
+CFG = {**Numerics().model_dump(), "lengths": [60, 127, 129], "edges": [], "max_tokens": 6, "repeats": 2,
+       "batch": 3}
+TRANSFORMERS_META: dict[str, Any] = {}  # what m3lab.registry says of transformers serve: no logprobs, no cache
+
+
+def test_nan_errors_are_recognised_and_other_errors_are_not():
+    vllm = {"object": "error", "message": "Out of range float values are not JSON compliant: nan", "code": 400}
+    assert numerics.is_nan_error(400, vllm)
+    assert not numerics.is_nan_error(400, {"message": "max_tokens must be at least 1"})
+    assert not numerics.is_nan_error(400, {"message": "finance is not a model"})
+    assert not numerics.is_nan_error(500, vllm)
+
+
+def test_the_nan_signature_is_a_run_of_token_zero():
+    assert numerics.zero_token_run([0, 0, 0])
+    assert not numerics.zero_token_run([0])  # one token 0 can be a real answer
+    assert not numerics.zero_token_run([0, 5, 0])
+    assert numerics.nan_signature("", [], "length", 8)  # token 0 is special: it decodes to nothing
+    assert numerics.nan_signature("<unk><unk>", [0, 0], "stop", 8)
+    assert not numerics.nan_signature("", [], "stop", 8)  # an answer that ended at once, on EOS
+    assert not numerics.nan_signature(" 48213.", [5, 6, 7], "length", 8)
+
+
+def test_probe_lengths_and_spread():
+    assert numerics.probe_lengths([512, 4096], [127, 128, 512], 4000) == [127, 128, 512]
+    assert numerics.spread([1, 2, 3, 4, 5], 3) == [1, 3, 5]
+    assert numerics.spread([1, 2], 4) == [1, 2]
+
+
+class Served:
+    """One transformers serve per fault, started on first use, with the intact checkpoint's offline model."""
+
+    def __init__(self, checkpoint: Path, root: Path) -> None:
+        self.checkpoint, self.root = checkpoint, root
+        self.live: tuple[str, Any] | None = None
+        self.offline: numerics.OfflineModel | None = None
+
+    def run(self, fault: str) -> dict[str, Any]:
+        if self.live is None or self.live[0] != fault:
+            self.close()
+            served = serve.served_checkpoint("transformers", str(self.checkpoint), text_only=True, fault=fault)
+            self.live = (fault, serve.start_server("transformers", served, CPU_SERVE, self.root / fault))
+        tok = AutoTokenizer.from_pretrained(self.live[1].model_dir)
+        if self.offline is None:
+            self.offline = numerics.OfflineModel(str(self.checkpoint), tok)
+        return numerics.run_checks(self.live[1].__dict__, CFG, TRANSFORMERS_META, tok, lambda: self.offline,
+                                   [512], 4096)
+
+    def close(self) -> None:
+        if self.live is not None:
+            serve.stop_all(self.root / self.live[0])
+            self.live = None
+
+
+@pytest.fixture(scope="module")
+def served(trained_checkpoint, tmp_path_factory):
+    s = Served(trained_checkpoint, tmp_path_factory.mktemp("numerics"))
+    yield s
+    s.close()
+
+
+def test_an_intact_server_passes_every_check_that_can_run(served):
+    r = served.run("none")
+    assert r["lengths"] == [60, 127, 129]
+    assert r["nonfinite"]["verdict"] == "pass" and r["nonfinite"]["findings"] == []
+    assert r["determinism"]["verdict"] == "pass" and r["determinism"]["mismatch_rate"] == 0.0
+    assert r["determinism"]["requests"] == 3 * (2 + 1)
+    assert r["parity"]["verdict"] == "pass" and "greedy" in r["parity"]["method"]
+    assert all(row["token_match_rate"] == 1.0 for row in r["parity"]["rows"])
+    assert r["prefix_cache"] == {"verdict": "not run", "reason": "the engine has no prefix cache"}
+    assert r["verdict"] == "pass"
+
+
+def test_nan_logits_are_findings_with_the_prompt_length(served):
+    r = served.run("nan_routed_expert")
+    assert r["nonfinite"]["verdict"] == "fail"
+    assert [f["n_tokens"] for f in r["nonfinite"]["findings"]] == r["measured_tokens"]
+    assert all("token id 0" in f["kind"] for f in r["nonfinite"]["findings"])
+    assert r["parity"]["verdict"] == "fail" and r["verdict"] == "fail"
+
+
+def test_zeroed_shared_experts_fail_parity_at_length(served):
+    r = served.run("zero_shared_experts")
+    assert r["nonfinite"]["verdict"] == "pass"  # finite garbage is not a NaN finding...
+    assert r["parity"]["verdict"] == "fail"  # ...but it is not what the checkpoint computes
+    assert min(row["token_match_rate"] for row in r["parity"]["rows"]) < 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stand-ins (mocks, said so): behaviours of GPU engines that nothing on this CPU has.
+
+
+class _StandIn:
+    """A /v1/completions server whose answers are `answer(body, n)` (n: how many requests it has seen)."""
+
+    def __init__(self, answer) -> None:
+        seen = {"n": 0}
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    seen["n"] += 1
+                    n = seen["n"]
+                payload = json.dumps(answer(body, n)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = {"base_url": f"http://127.0.0.1:{self.httpd.server_address[1]}/v1", "model": "m3"}
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _completion(text: str, logprobs: list[float] | None = None) -> dict[str, Any]:
+    lp = None if logprobs is None else {"tokens": [], "token_logprobs": logprobs, "top_logprobs": [],
+                                        "text_offset": []}
+    return {"choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": "length"}]}
+
+
+PROBES = [numerics.Probe(10, 10, "alpha", [1, 2]), numerics.Probe(20, 20, "beta", [3, 4])]
+
+
+@pytest.mark.parametrize("flaky,verdict", [(False, "pass"), (True, "fail")])
+def test_determinism_fires_only_on_answers_that_change(flaky, verdict):
+    s = _StandIn(lambda body, n: _completion(f"{body['prompt']} {n % 2 if flaky else 0}"))
+    try:
+        r = numerics.check_determinism(s.server, PROBES, 4, repeats=3, timeout_s=10)
+    finally:
+        s.close()
+    assert r["verdict"] == verdict and (r["mismatch_rate"] > 0) == flaky
+
+
+@pytest.mark.parametrize("poisoned,verdict", [(False, "pass"), (True, "fail")])
+def test_prefix_cache_ab_fires_only_when_cached_answers_differ(poisoned, verdict):
+    salts: dict[str, int] = {}
+
+    def answer(body, n):
+        salts[body["cache_salt"]] = salts.get(body["cache_salt"], 0) + 1
+        hit = salts[body["cache_salt"]] > 1  # a salt seen before: its blocks are cached
+        return _completion("0000" if hit and poisoned else "4821.", [-0.1, -0.2])
+
+    s = _StandIn(answer)
+    try:
+        r = numerics.check_prefix_cache(s.server, PROBES, 4, timeout_s=10)
+    finally:
+        s.close()
+    assert r["verdict"] == verdict
+    assert all(row["same_tokens"] is not poisoned for row in r["rows"])
+
+
+def test_an_engine_that_refuses_cache_salt_makes_the_ab_not_run_rather_than_red():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            payload = b'{"error": {"message": "extra fields not permitted: cache_salt", "code": 400}}'
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        r = numerics.check_prefix_cache({"base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+                                         "model": "m3"}, PROBES, 4, timeout_s=10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert r["verdict"] == "not run" and "refused a cache_salt request (HTTP 400" in r["reason"]
