@@ -434,13 +434,14 @@ def _device_name(device: str) -> str:
 
 
 def _suite() -> tuple[list[dict], list[int], list[float]]:
-    """The correctness prompts of params/base.yaml and the needle grid of params/cpu-tiny.yaml."""
-    import yaml
+    """The correctness prompts and the needle grid of the cpu-tiny profile, merged as a run merges them (the
+    prompts come from params/base.yaml, the grid from params/cards/tiny.yaml)."""
+    from m3lab.params import load_params
 
-    base = yaml.safe_load((REPO / "params" / "base.yaml").read_text())
-    tiny = yaml.safe_load((REPO / "params" / "cpu-tiny.yaml").read_text())
-    needle = {**base["needle"], **tiny.get("needle", {})}
-    return base["correctness"]["prompts"], needle["lengths"], needle["depths"]
+    p = load_params("cpu-tiny")
+    prompts = [x.model_dump() for x in p.correctness.prompts]
+    depths = [int(d) if float(d).is_integer() else d for d in p.needle.depths]
+    return prompts, list(p.needle.lengths), depths
 
 
 @torch.no_grad()
