@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from m3lab import synthdata
 from m3lab.download import DownloadError, _embedded_checkpoint
 from m3lab.needle import QUESTION, Haystack, build_prompt, make_key, score_completion
-from m3lab.synthdata import EOS, MixConfig, Mixture
 from m3lab.tinymodel import TRAINED_DIR, TinySpec, build_tiny_checkpoint, build_tiny_model, trained_weights
-from m3lab.train import IndexerDistillation, RoutedExpertDropout, _suite, collate, lm_losses
+from tools.tiny_m3 import synthdata  # the training code lives beside the package (pytest's pythonpath: the repo)
+from tools.tiny_m3.synthdata import EOS, MixConfig, Mixture
+from tools.tiny_m3.train import IndexerDistillation, RoutedExpertDropout, _suite, collate, lm_losses
 
 
 @pytest.fixture(scope="module")
