@@ -1,9 +1,11 @@
-"""Params: one YAML file per hardware/recipe, layered with `extends:`, validated by a schema.
+"""Params: one profile per hardware/recipe, layered with `extends:` from base, card and hardware files, validated
+by a schema.
 
 The story of a params file:
-  1. read `params/<profile>.yaml`; if it `extends:` other files, read those first (recursively),
-  2. deep-merge base under profile (mappings merge key by key; lists and scalars are replaced),
-     remembering which file set each key, so an error can name the file a bad value came from,
+  1. read `params/<profile>.yaml`; if it `extends:` other files (one name or a list: base, card, hardware; see
+     params/README.md), read those first, in order, recursively,
+  2. deep-merge them left to right, then the profile on top (mappings merge key by key; lists and scalars are
+     replaced), remembering which file set each key, so an error can name the file a bad value came from,
   3. validate the merged mapping against `Params` (pydantic, unknown keys forbidden),
   4. hand each stage only the sections it declares (see `m3lab.dag.STAGES`).
 
@@ -20,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 from m3lab.transport import is_loopback
@@ -79,6 +82,11 @@ def _int_like(tp: Any) -> bool:
     return any(_int_like(a) for a in args if a is not type(None)) and not any(a in (str, float, bool) for a in args)
 
 
+def _key_error(key: str, message: str) -> PydanticCustomError:
+    """A check across a section's keys, reported at the key it is about (so the error names the file that set it)."""
+    return PydanticCustomError("key_error", "{message}", {"key": key, "message": message})
+
+
 class _Section(BaseModel):
     # Unknown keys are typos; infinities and NaN are never a sane count, size or timeout.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -91,16 +99,34 @@ class _Section(BaseModel):
                 v = data.get(name)
                 values = v if isinstance(v, list) else [v]
                 if _int_like(f.annotation) and any(isinstance(x, bool) for x in values):
-                    raise ValueError(f"{name}: expected an integer, got {v!r} (a YAML boolean)")
+                    raise _key_error(name, f"expected an integer, got {v!r} (a YAML boolean)")
         return data
 
 
 class Hardware(_Section):
+    """Facts about the machine (`params/hardware/<name>.yaml`), not settings of a run."""
+
     name: str = "cpu"
     accelerator: Literal["none", "nvidia", "amd", "apple"] = "none"
     gpus: int = Field(0, ge=0)  # per node
     gpu_memory_gib: float = Field(0.0, ge=0)  # per GPU (unified memory on Apple silicon)
     nodes: int = Field(1, ge=1)  # > 1: vLLM across hosts with the Ray executor
+    # Peak memory bandwidth per GPU in GB/s (10^9 bytes/s, as datasheets give it: 4.8 TB/s = 4800), and where the
+    # figure comes from (a URL or the datasheet's name). Unset where nobody looked it up (a CPU box).
+    memory_bandwidth_gb_s: float | None = Field(None, gt=0)
+    memory_bandwidth_source: str | None = None
+
+    @model_validator(mode="after")
+    def _bandwidth_has_a_source(self) -> "Hardware":
+        bandwidth, source = self.memory_bandwidth_gb_s, self.memory_bandwidth_source
+        if bandwidth is not None and not (source or "").strip():
+            raise _key_error("memory_bandwidth_gb_s", f"{bandwidth:g} GB/s needs its source: add "
+                             "memory_bandwidth_source (the datasheet or URL the figure comes from), or remove the "
+                             "bandwidth")
+        if source is not None and bandwidth is None:
+            raise _key_error("memory_bandwidth_source", "a source without a figure: add memory_bandwidth_gb_s (GB/s "
+                             "per GPU), or remove the source")
+        return self
 
 
 class Card(_Section):
@@ -561,40 +587,65 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _deep_merge(base: dict, over: dict, origins: dict, over_file: str, prefix: tuple = ()) -> dict:
+def _deep_merge(base: dict, over: dict, origins: dict, over_file: str, prefix: tuple = (),
+                over_origins: dict | None = None) -> dict:
+    """`over` merged onto `base`; `origins` (key path -> file) follows: a key `over` sets comes from `over_file`, or,
+    when `over` is itself a merge of several files, from the file `over_origins` names for it."""
     out = dict(base)
     for k, v in over.items():
         path = prefix + (k,)
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v, origins, over_file, path)
+            out[k] = _deep_merge(out[k], v, origins, over_file, path, over_origins)
         else:
             out[k] = v
-            # A replaced subtree: every key under it now comes from this file.
+            # A replaced subtree: every key under it now comes from the file(s) that set it in `over`.
             for p in [p for p in origins if p[: len(path)] == path]:
                 del origins[p]
-            origins[path] = over_file
+            if over_origins is None:
+                origins[path] = over_file
+            else:
+                origins[path] = _enclosing(over_origins, path, over_file)
+                origins.update({p: f for p, f in over_origins.items() if p[: len(path)] == path})
     return out
 
 
+def _extends_path(path: Path, base: str) -> Path:
+    """Where an `extends:` entry points: next to the file that names it, else under params/ (`cards/000.yaml`,
+    `hardware/h200x8.yaml`, `cpu-tiny`), else relative to the working directory (as profile names are)."""
+    tried = [path.parent / base, PARAMS_DIR / base]
+    if Path(base).suffix not in (".yaml", ".yml"):
+        tried.append(PARAMS_DIR / f"{base}.yaml")
+    tried.append(Path(base))
+    for c in tried:
+        if c.is_file():
+            return c.resolve()
+    looked = ", ".join(dict.fromkeys(_display(c) for c in tried))
+    raise ParamsError(f"{_display(path)}: extends: no such params file {base!r} (looked for {looked}); fix the "
+                      f"name in {_display(path)} or add the file")
+
+
 def _load_merged(path: Path, origins: dict, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """`path` merged over what it extends: each `extends:` entry in order (left to right, later wins), then the
+    file's own keys. `origins` gets the file that set each key path."""
     if path in chain:
         cycle = " -> ".join(_display(p) for p in chain + (path,))
-        raise ParamsError(f"{_display(path)}: extends: cycle {cycle}")
+        raise ParamsError(f"{_display(chain[-1])}: extends: cycle {cycle}; remove one of these extends entries")
     data = _read_yaml(path)
     bases = data.get("extends") or []
     if isinstance(bases, str):
         bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+    if not isinstance(bases, list):
         raise ParamsError(f"{_display(path)}: extends: expected a file name or a list of them, got {bases!r}")
+    for i, base in enumerate(bases):
+        if not isinstance(base, str) or not base:
+            raise ParamsError(f"{_display(path)}: extends.{i}: expected a file name (e.g. cards/000.yaml), got "
+                              f"{base!r}")
     merged: dict[str, Any] = {}
     for base in bases:
-        base_path = (path.parent / base) if (path.parent / base).is_file() else None
-        if base_path is None:
-            try:
-                base_path = resolve_profile_path(base)
-            except ParamsError:
-                raise ParamsError(f"{_display(path)}: extends: no such params file {base!r}") from None
-        merged = _deep_merge(merged, _load_merged(base_path, origins, chain + (path,)), origins, _display(base_path))
+        base_path = _extends_path(path, base)
+        base_origins: dict[tuple, str] = {}
+        base_data = _load_merged(base_path, base_origins, chain + (path,))
+        merged = _deep_merge(merged, base_data, origins, _display(base_path), over_origins=base_origins)
     return _deep_merge(merged, data, origins, _display(path))
 
 
@@ -615,6 +666,8 @@ def _explain(err: dict[str, Any]) -> str:
         return "required key is missing"
     if kind == "extra_forbidden":
         return "unknown key"
+    if kind == "key_error":
+        return err["msg"]
     for prefix, name in _EXPECTED.items():
         if kind.startswith(prefix + "_") and ("type" in kind or "parsing" in kind):
             return f"expected {name}, got {err.get('input')!r}"
@@ -622,11 +675,21 @@ def _explain(err: dict[str, Any]) -> str:
     return f"{msg}, got {err.get('input')!r}" if kind != "value_error" else msg
 
 
-def _origin(origins: dict, loc: tuple, default: str) -> str:
+def _enclosing(origins: dict, loc: tuple, default: str) -> str:
+    """The file that set `loc` itself or the nearest mapping around it."""
     for n in range(len(loc), 0, -1):
         if loc[:n] in origins:
             return origins[loc[:n]]
     return default
+
+
+def _origin(origins: dict, loc: tuple, default: str) -> str:
+    """The file an error at `loc` is blamed on: for a mapping several files wrote into (a section-level check), the
+    file that wrote into it last (the override); otherwise the one that set `loc` or the mapping around it."""
+    under = [f for p, f in origins.items() if p[: len(loc)] == loc and len(p) > len(loc)]
+    if loc and under:
+        return under[-1]
+    return _enclosing(origins, loc, default)
 
 
 # Token shapes: Hugging Face (hf_…), OpenAI-style (sk-…), GitHub (ghp_/github_pat_…). A params file is data that
@@ -662,8 +725,9 @@ def load_params(profile: str | Path | None = None) -> Params:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            loc = tuple(str(x) for x in err["loc"])
-            where = _origin(origins, tuple(err["loc"]), _display(path))
+            key_path = tuple(err["loc"]) + ((err["ctx"]["key"],) if err["type"] == "key_error" else ())
+            loc = tuple(str(x) for x in key_path)
+            where = _origin(origins, key_path, _display(path))
             lines.append(f"{where}: {'.'.join(loc) + ': ' if loc else ''}{_explain(err)}")
         raise ParamsError("\n".join(lines)) from None
 

@@ -4,7 +4,7 @@ The real model has 428B parameters; the whole workbook must also run on a 2-core
 ships an embedded default: the real `minimax_m3_vl` architecture (dense + MoE layers, full + lightning-indexer
 sparse attention, partial RoPE, a vision tower) at toy sizes, a locally trained byte-level BPE tokenizer
 carrying M3's special tokens, and a chat template shaped like M3's. Its weights were trained from scratch on
-synthetic data (m3lab/train.py, m3lab/synthdata.py) and ship in m3lab/assets/tiny-m3/, so the correctness and
+synthetic data (tools/tiny_m3/: train.py, synthdata.py) and ship in m3lab/assets/tiny-m3/, so the correctness and
 needle stages grade a model that knows its answers; `weights="random"` gives the untrained model instead.
 
 One spec serves CPU and GPU: head and index dims of 128 and index blocks of 128 are what vLLM's Hopper kernels
@@ -437,7 +437,7 @@ def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Weights: trained (m3lab/assets/tiny-m3/, see m3lab/train.py), random, or a hub-layout safetensors file.
+# Weights: trained (m3lab/assets/tiny-m3/, see tools/tiny_m3/train.py), random, or a hub-layout safetensors file.
 
 TRAINED_DIR = Path(__file__).resolve().parent / "assets" / "tiny-m3"
 DATA = ("assets/tiny-m3/model.safetensors", "assets/tiny-m3/spec.json")  # what it reads (m3lab.fingerprint)
@@ -447,8 +447,8 @@ def trained_weights(spec: TinySpec, seed: int) -> Path:
     """The committed trained weights, after checking they were trained for this spec and tokenizer seed."""
     path, meta = TRAINED_DIR / "model.safetensors", TRAINED_DIR / "spec.json"
     if not path.is_file() or not meta.is_file():
-        raise FileNotFoundError(f"no trained tiny M3 in {TRAINED_DIR} (retrain: python -m m3lab.train train ...); "
-                                f"weights='random' builds without it")
+        raise FileNotFoundError(f"no trained tiny M3 in {TRAINED_DIR} (retrain from the repository root: python -m "
+                                f"tools.tiny_m3.train train ..., then install); weights='random' builds without it")
     trained = json.loads(meta.read_text())
     mine = json.loads(json.dumps({"seed": seed, "spec": asdict(spec)}))  # tuples → lists, as stored
     if trained != mine:

@@ -230,8 +230,9 @@ def test_editing_a_file_outside_a_stages_closure_leaves_it_reusable(params, pack
 
     resolved = params.model_dump(mode="json")
     closures = {n: set(dag.stage_modules(st, resolved)) for n, st in STAGES.items()}
-    # train.py is in no stage's closure; memplan only in plan's; lighteval only where an eval names that runner.
-    for module in ("m3lab.train", "m3lab.memplan", "m3lab.evals.lighteval", "m3lab.engines.vllm"):
+    # wheelhouse is in no stage's closure (the CLI's); memplan only in plan's; lighteval only where an eval names
+    # that runner.
+    for module in ("m3lab.wheelhouse", "m3lab.memplan", "m3lab.evals.lighteval", "m3lab.engines.vllm"):
         f = fingerprint.module_path(module)
         before = fingerprints(resolved)
         f.write_bytes(f.read_bytes() + b"\n# edited\n")
@@ -239,6 +240,11 @@ def test_editing_a_file_outside_a_stages_closure_leaves_it_reusable(params, pack
         for n in STAGES:
             if module not in closures[n]:
                 assert after[n] == before[n], f"editing {module} changed {n}, which never imports it"
+    # The tiny model's card and training records sit beside its weights but no run reads them.
+    before = fingerprints(resolved)
+    card = package_copy / "assets" / "tiny-m3" / "MODEL_CARD.md"
+    card.write_text(card.read_text() + "\nedited\n")
+    assert fingerprints(resolved) == before, "editing the tiny model's card changed a stage's fingerprint"
     fake_run(tmp_path / "runs", params, "20260101-000000-aaaa")
     assert set(actions(plan_run(params, root=tmp_path / "runs")).values()) == {"reuse"}
 

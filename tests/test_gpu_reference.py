@@ -1,5 +1,6 @@
 """The vLLM paths against real output recorded on an H200 (results/reference/, made by `m3lab run gpu-tiny-vllm`
-through tools/gpu-run.sh on 2026-11-22). CI has no GPU: these tests replay what the GPU run wrote."""
+through tools/gpu-run.sh on 2026-11-22; that profile is now h200-tiny-bf16). CI has no GPU: these tests replay what
+the GPU run wrote."""
 
 import json
 import shlex
@@ -13,6 +14,10 @@ from m3lab.serve import build_command
 from m3lab.vllm_obs import decisive_lines, parse_prometheus, parse_server_log, summarize_metrics
 
 RUN = REPO_ROOT / "results" / "reference" / "h200-gpu-tiny-vllm"
+# Each recorded folder -> (the profile name its files record, the profile's name now). The recordings are history
+# and keep the old names; the profiles were renamed to <hardware>-tiny-<recipe> (params/README.md).
+REFERENCE_PROFILES = {"h200-gpu-tiny-vllm": ("gpu-tiny-vllm", "h200-tiny-bf16"),
+                      "h200-gpu-tiny-vllm-fp8": ("gpu-tiny-vllm-fp8", "h200-tiny-fp8")}
 FIXTURES = Path(__file__).parent / "fixtures" / "vllm"
 
 
@@ -22,7 +27,7 @@ def read(*parts):
 
 def test_reference_run_is_complete_and_ok():
     summary = read("summary.json")
-    assert summary["profile"] == "gpu-tiny-vllm" and summary["status"] == "ok"
+    assert summary["profile"] == REFERENCE_PROFILES[RUN.name][0] and summary["status"] == "ok"
     assert {s["status"] for s in summary["stages"].values()} == {"ok"}
     assert "H200" in " ".join(read("provenance.json")["gpus"])
     assert (RUN / "index.html").is_file()
@@ -30,10 +35,30 @@ def test_reference_run_is_complete_and_ok():
 
 def test_vllm_command_from_params_is_the_command_that_ran():
     server = read("serve", "result.json")["server"]
-    params = load_params("gpu-tiny-vllm")
+    params = load_params(REFERENCE_PROFILES[RUN.name][1])
     rebuilt = build_command("vllm", server["model_dir"], params.serve.model_dump(mode="json"), server["port"])
     assert rebuilt == server["argv"]
     assert shlex.join(rebuilt) == server["command"]
+
+
+@pytest.mark.parametrize("folder", sorted(REFERENCE_PROFILES))
+def test_renamed_profile_still_holds_every_recorded_param(folder):
+    """The recorded params.json, key by key, against today's profile of the new name: only the name, `extends`
+    and keys added to the schema since (absent from the recording) may differ."""
+    recorded_as, name = REFERENCE_PROFILES[folder]
+    recorded = json.loads((REPO_ROOT / "results" / "reference" / folder / "params.json").read_text())
+    assert recorded["profile"] == recorded_as
+    now = load_params(name).model_dump(mode="json")
+
+    def same(rec, cur, where):
+        if isinstance(rec, dict) and isinstance(cur, dict):
+            for k, v in rec.items():
+                assert k in cur, f"{where}{k}: recorded, gone from profile {name}"
+                same(v, cur[k], f"{where}{k}.")
+        else:
+            assert rec == cur, f"{where.rstrip('.')}: recorded {rec!r}, profile {name} has {cur!r}"
+
+    same({k: v for k, v in recorded.items() if k not in ("profile", "extends")}, now, "")
 
 
 def test_start_up_log_facts_parse_from_the_real_log():

@@ -238,7 +238,7 @@ def test_inputs_from_vllm_flags():
 def test_card_002_profile_plans_like_the_card():
     from m3lab.params import load_params
 
-    p = load_params("rtx-pro-6000x2-autoround-3.2bit")
+    p = load_params("rtxpro6000x2-autoround")
     p = p.model_copy(update={"serve": p.serve.model_copy(update={"text_only": True})})  # the card serves text
     plan = plan_for_params(p)
     assert plan["parallel"] == "TP 2, EP 2" and plan["inputs"]["gpu_memory_utilization"] == 0.97
@@ -249,7 +249,7 @@ def test_card_002_profile_plans_like_the_card():
 def test_embedded_profile_plans_the_tiny_model():
     from m3lab.params import load_params
 
-    plan = plan_for_params(load_params("gpu-tiny-vllm"))
+    plan = plan_for_params(load_params("h200-tiny-bf16"))
     assert plan["total_params"] < 10**8 and plan["fits_max_model_len"]
 
 

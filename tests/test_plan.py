@@ -26,7 +26,7 @@ def test_every_profile_plans(profile):
 
 
 def test_card_001_serve_and_lm_eval_lines_are_the_cards_own():
-    plan = make_plan(load_params("mi355x-tp8-mxfp4"))
+    plan = make_plan(load_params("mi355x8-mxfp4"))
     serve = plan.stages["serve"][0]
     card_flags = ("--trust-remote-code --block-size 128 --tensor-parallel-size 8 --attention-backend TRITON_ATTN "
                   "--mm-encoder-tp-mode data --mm-encoder-attn-backend ROCM_AITER_FA --tool-call-parser minimax_m3 "
@@ -43,14 +43,14 @@ def test_card_001_serve_and_lm_eval_lines_are_the_cards_own():
 
 def test_reproducing_card_001_plans_the_cards_quark_script(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({"extends": "mi355x-tp8-mxfp4", "profile": "p", "model": {"use": "reproduce"}}))
+    path.write_text(yaml.safe_dump({"extends": "mi355x8-mxfp4", "profile": "p", "model": {"use": "reproduce"}}))
     lines = make_plan(load_params(path)).stages["quantize"]
     assert "exclude_layers_name=['*lm_head', '*vision_tower*'" in lines[0]
     assert "get_config(scheme='mxfp4'" in lines[1] and "direct_quantize_checkpoint" in lines[2]
 
 
 def test_card_000_runs_each_eval_once_per_seed_with_its_cap():
-    lines = make_plan(load_params("mi350x-tp8-fp8-dynamic")).stages["correctness"]
+    lines = make_plan(load_params("mi350x8-fp8-dynamic")).stages["correctness"]
     assert sum("--tasks gsm8k_platinum" in x and "max_gen_toks=64000" in x for x in lines) == 3
     assert sum("lighteval|aime25|0" in x for x in lines) == 8  # AIME: eight seeds
     assert sum("lcb:codegeneration_v6" in x and "max_new_tokens:2048" in x for x in lines) == 3
@@ -58,7 +58,7 @@ def test_card_000_runs_each_eval_once_per_seed_with_its_cap():
 
 
 def test_card_002_engine_args_and_memory_plan_match_the_card():
-    plan = make_plan(load_params("rtx-pro-6000x2-autoround-3.2bit"))
+    plan = make_plan(load_params("rtxpro6000x2-autoround"))
     serve = plan.stages["serve"][0]
     for flag in ("--tensor-parallel-size 2", "--enable-expert-parallel", "--block-size 128",
                  "--attention-backend TRITON_ATTN", "--gpu-memory-utilization 0.97", "--disable-custom-all-reduce",
@@ -107,6 +107,6 @@ def test_unknown_parser_is_a_params_error(tmp_path, capsys):
 
 
 def test_plan_command_runs_nothing_and_prints_the_server_line():
-    out = subprocess.run([sys.executable, "-m", "m3lab", "plan", "m3-ultra-oq4"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "m3lab", "plan", "m3ultra-mlx-q4"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "mlx_lm.server --model" in out.stdout and "temperature" in out.stdout

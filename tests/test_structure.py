@@ -58,11 +58,33 @@ def test_cycle_finder_fires_on_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
+def _tiny_m3_records() -> set:
+    """The package files no run reads, as tools/tiny_m3/train.py lists them (RECORDS, read without importing it)."""
+    tree = ast.parse((PKG.parent / "tools" / "tiny_m3" / "train.py").read_text(encoding="utf-8"))
+    (records,) = [ast.literal_eval(n.value) for n in tree.body
+                  if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "RECORDS" for t in n.targets)]
+    return {f for pattern in records for f in PKG.glob(pattern) if f.is_file()}
+
+
 def test_every_package_data_file_is_declared_by_a_module():
     declared = set(fingerprint.data_files(_all_modules()))
+    records = _tiny_m3_records()
     data = {p for p in PKG.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")
             and "__pycache__" not in p.parts}
-    assert data - declared == set(), "package data no module declares in DATA (m3lab.fingerprint)"
+    assert data - declared - records == set(), ("package data no module declares in DATA (m3lab.fingerprint) and "
+                                                "tools/tiny_m3/train.py does not list in RECORDS")
+    assert not records & declared, "a file a run reads (DATA) is not a record (RECORDS): list it in one place"
+    assert {p.name for p in records} >= {"MODEL_CARD.md", "training_curve.png", "train_log.jsonl"}
+
+
+def test_the_runtime_package_does_not_import_the_training_code():
+    """Training the tiny model (tools/tiny_m3/) is not part of a run: no m3lab module imports it."""
+    for m in _all_modules():
+        tree = ast.parse(fingerprint.module_path(m).read_text(encoding="utf-8"))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {x for x in names if x == "tools" or x.startswith("tools.")}, f"{m} imports the training code"
+    assert not (PKG / "train.py").exists() and not (PKG / "synthdata.py").exists()
 
 
 def test_closure_follows_imports_anywhere_and_only_m3lab(tmp_path):
@@ -101,3 +123,31 @@ def test_unknown_name_lists_the_registered_ones():
     with pytest.raises(RegistryError, match=r"serve\.engine: unknown engine 'sglang'; registered: transformers, "
                                             r"vllm, mlx"):
         ENGINES.get("sglang")
+
+
+def _layout_rows() -> dict[str, str]:
+    """README's Layout table: path cell -> what cell."""
+    import re
+
+    readme = (PKG.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Layout"):readme.index("\n## ", readme.index("## Layout") + 1)]
+    rows = [line.split(" | ", 1) for line in section.splitlines() if line.startswith("| `")]
+    return {re.sub(r"\s*\|\s*$", "", p.strip("| ")): re.sub(r"\s*\|\s*$", "", w) for p, w in rows}
+
+
+def test_readme_layout_table_names_every_module_and_folder_of_the_package():
+    import re
+
+    rows = _layout_rows()
+    text = " ".join(f"{p} {w}" for p, w in rows.items())
+    named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", " ".join(re.findall(r"`([^`]+)`", text))))
+    modules = {p.stem for p in PKG.glob("*.py")} - {"__init__", "__main__"}
+    for sub in sorted(p for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"):
+        assert f"`m3lab/{sub.name}/" in text, f"README's Layout table does not name the folder m3lab/{sub.name}/"
+        modules |= {p.stem for p in sub.glob("*.py")} - {"__init__"}
+    assert modules - named == set(), "modules the README's Layout table does not name"
+    rest = rows["`m3lab/` (the rest)"]
+    listed = set(re.findall(r"`([a-z_]+)`", rest))
+    assert listed <= {p.stem for p in PKG.glob("*.py")}, f"the Layout table lists modules that do not exist: " \
+                                                       f"{listed - {p.stem for p in PKG.glob('*.py')}}"
+    assert "`tiny_m3/`" in rows["`tools/`"]

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from m3lab import synthdata
 from m3lab.download import DownloadError, _embedded_checkpoint
 from m3lab.needle import QUESTION, Haystack, build_prompt, make_key, score_completion
-from m3lab.synthdata import EOS, MixConfig, Mixture
 from m3lab.tinymodel import TRAINED_DIR, TinySpec, build_tiny_checkpoint, build_tiny_model, trained_weights
-from m3lab.train import IndexerDistillation, RoutedExpertDropout, collate, lm_losses
+from tools.tiny_m3 import synthdata  # the training code lives beside the package (pytest's pythonpath: the repo)
+from tools.tiny_m3.synthdata import EOS, MixConfig, Mixture
+from tools.tiny_m3.train import IndexerDistillation, RoutedExpertDropout, _suite, collate, lm_losses
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,18 @@ def test_arith_eval_set_is_committed_held_out_and_gsm8k_shaped():
     assert all(set(it) == {"question", "answer"} and "\n#### " in it["answer"] for it in items)
     train = {synthdata.arith_problem(i)["question"] for i in range(3000)}
     assert not train & {it["question"] for it in items}
+
+
+def test_offline_eval_suite_is_what_the_embedded_run_grades():
+    """`train eval` grades the 4 correctness prompts and the 20 needle cells the model card reports (4/4, 20/20):
+    the grid of the merged cpu-tiny profile, whichever params file holds it."""
+    from m3lab.params import load_params
+
+    prompts, lengths, depths = _suite()
+    run = load_params("cpu-tiny")
+    assert [p["id"] for p in prompts] == [p.id for p in run.correctness.prompts] and len(prompts) == 4
+    assert (lengths, depths) == ([512, 1024, 2048, 4000], [0, 25, 50, 75, 100])
+    assert lengths == run.needle.lengths and depths == run.needle.depths
 
 
 # --- the committed weights -----------------------------------------------------------------------------------

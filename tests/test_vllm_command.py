@@ -1,4 +1,4 @@
-"""The vLLM server as data (vLLM cannot run on this CPU box): the gpu-tiny-vllm profile, the exact command
+"""The vLLM server as data (vLLM cannot run on this CPU box): the h200-tiny-bf16 profile, the exact command
 lines it and card 001 produce, and the text-only checkpoint layout vLLM loads."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def one_line(shell: str) -> str:
 
 @pytest.fixture(scope="module")
 def profile():
-    return load_params("gpu-tiny-vllm")
+    return load_params("h200-tiny-bf16")
 
 
 def test_gpu_tiny_vllm_profile_is_the_smoke_tested_setup(profile):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# tools/gpu-run.sh PROFILE... — on an offline Hopper host, after the vLLM bundle (shared/tools/vllm-gpu) is
-# installed into /tmp/site: install m3lab's wheelhouse (`m3lab wheelhouse .gpu/wheels ...`, carried along),
-# run each profile with `m3lab run`, and pack the run folders (without the checkpoint cache) into $OUT.
+# tools/gpu-run.sh PROFILE... (e.g. h200-tiny-bf16 h200-tiny-fp8) — on an offline Hopper host, after the vLLM
+# bundle (shared/tools/vllm-gpu) is installed into /tmp/site: install m3lab's wheelhouse (`m3lab wheelhouse
+# .gpu/wheels ...`, carried along), run each profile with `m3lab run`, and pack the run folders (without the
+# checkpoint cache) into $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/m3lab-out}

@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["DEFAULT_DATA_FILE", "FEWSHOT", "resolve_data_file", "read_items", "load", "preflight"]
 
-# m3lab/tasks/ → m3lab/assets/tiny-m3/arith_eval.jsonl (written by m3lab.synthdata.write_arith_eval)
+# m3lab/tasks/ → m3lab/assets/tiny-m3/arith_eval.jsonl (written by tools/tiny_m3/synthdata.py: write_arith_eval)
 DEFAULT_DATA_FILE = Path(__file__).resolve().parent.parent / "assets" / "tiny-m3" / "arith_eval.jsonl"
 
 # For --num_fewshot > 0: hand-written, so no held-out item ever leaks into a prompt.
@@ -31,8 +31,8 @@ def resolve_data_file(path: str | Path | None = None) -> Path:
     """The jsonl the task reads; a clear error if it is missing (lm-eval would only say 'load failed')."""
     p = Path(path).expanduser() if path else DEFAULT_DATA_FILE
     if not p.is_file():
-        hint = (" (build it: python -c 'from m3lab.synthdata import write_arith_eval; "
-                f"write_arith_eval(\"{p}\")')" if p == DEFAULT_DATA_FILE else "")
+        hint = (" (build it from the repository root: python -c 'from tools.tiny_m3.synthdata import "
+                f"write_arith_eval; write_arith_eval(\"{p}\")')" if p == DEFAULT_DATA_FILE else "")
         raise FileNotFoundError(f"tiny_arith: data file {p} not found{hint}")
     return p
 

@@ -1,8 +1,10 @@
-"""Train the tiny MiniMax-M3 from scratch on m3lab.synthdata, so the embedded run's verdicts mean something.
+"""Train the tiny MiniMax-M3 from scratch on tools.tiny_m3.synthdata, so the embedded run's verdicts mean something.
 
-    python -m m3lab.train train --out-dir build/tiny-m3-train --steps 3702           # one H200: ~8 min
-    python -m m3lab.train eval build/tiny-m3-train/checkpoint [--fp8]                # the targets, on CPU
-    python -m m3lab.train install build/tiny-m3-train                                # → m3lab/assets/tiny-m3/
+From the repository root:
+
+    python -m tools.tiny_m3.train train --out-dir build/tiny-m3-train --steps 3702   # one H200: ~8 min
+    python -m tools.tiny_m3.train eval build/tiny-m3-train/checkpoint [--fp8]        # the targets, on CPU
+    python -m tools.tiny_m3.train install build/tiny-m3-train                        # → m3lab/assets/tiny-m3/
 
 The model is `TinySpec()` exactly as the embedded DAG builds it (`build_tiny_model(weights="random")` is the
 init), trained in bf16 autocast over fp32 weights with AdamW. Four things beyond a plain LM loss, because M3
@@ -45,17 +47,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from m3lab import synthdata
 from m3lab.checkpoint import native_to_hub, write_tensors
 from m3lab.needle import Haystack, build_prompt, make_key, score_completion
-from m3lab.synthdata import ARITH_PROMPT, Example, MixConfig, Mixture
-from m3lab.tinymodel import TinySpec, build_tiny_checkpoint, build_tiny_model
+from m3lab.tinymodel import TRAINED_DIR, TinySpec, build_tiny_checkpoint, build_tiny_model
+from tools.tiny_m3 import synthdata
+from tools.tiny_m3.synthdata import ARITH_PROMPT, Example, MixConfig, Mixture
 
 __all__ = ["TrainConfig", "train", "evaluate", "evaluate_checkpoint", "install", "plot_curve", "main"]
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = Path(__file__).resolve().parent / "assets" / "tiny-m3"
-DATA = ("assets/tiny-m3/*",)  # it writes (and documents) the whole folder (m3lab.fingerprint)
+ASSETS = TRAINED_DIR  # m3lab/assets/tiny-m3/: `install` writes there what a run reads
+# Files of the m3lab package that no run reads (globs relative to the package): the tiny model's card and the
+# training records `install`/`eval --output` write beside its weights. What a run reads, m3lab's modules declare
+# in their DATA (m3lab.fingerprint); tests/test_structure.py checks every package data file is one or the other.
+RECORDS = ("assets/tiny-m3/MODEL_CARD.md", "assets/tiny-m3/metrics.json", "assets/tiny-m3/train_log.jsonl",
+           "assets/tiny-m3/training_curve.png", "assets/tiny-m3/eval_cpu_*.json")
 TASKS = ("needle", "facts", "arith", "chat")
 
 
@@ -434,13 +439,14 @@ def _device_name(device: str) -> str:
 
 
 def _suite() -> tuple[list[dict], list[int], list[float]]:
-    """The correctness prompts of params/base.yaml and the needle grid of params/cpu-tiny.yaml."""
-    import yaml
+    """The correctness prompts and the needle grid of the cpu-tiny profile, merged as a run merges them (the
+    prompts come from params/base.yaml, the grid from params/cards/tiny.yaml)."""
+    from m3lab.params import load_params
 
-    base = yaml.safe_load((REPO / "params" / "base.yaml").read_text())
-    tiny = yaml.safe_load((REPO / "params" / "cpu-tiny.yaml").read_text())
-    needle = {**base["needle"], **tiny.get("needle", {})}
-    return base["correctness"]["prompts"], needle["lengths"], needle["depths"]
+    p = load_params("cpu-tiny")
+    prompts = [x.model_dump() for x in p.correctness.prompts]
+    depths = [int(d) if float(d).is_integer() else d for d in p.needle.depths]
+    return prompts, list(p.needle.lengths), depths
 
 
 @torch.no_grad()
@@ -620,7 +626,7 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m m3lab.train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.tiny_m3.train", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train from scratch; writes <out-dir>/checkpoint and metrics.json")
     _add_fields(t, TrainConfig)
