@@ -815,6 +815,7 @@ def run_stage(ctx) -> dict[str, Any]:
     server = serve["server"]
     target = Target(base_url=server["base_url"], model=server["model"], tokenizer_dir=serve["tokenizer_dir"],
                     engine=server["engine"])
+    ensure_alive(server, settle_s=0)  # one that died in an earlier stage: ServerDied with its log, not a refusal
     metrics_before = _scrape(server)
     try:
         result = run_sweep(target, load)

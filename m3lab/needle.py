@@ -406,9 +406,14 @@ def run_stage(ctx) -> dict[str, Any]:
     cfg, model = ctx.params["needle"], ctx.params["model"]
     serve = ctx.upstream("serve")
     server = serve["server"]
-    result = run_needle(NeedleTarget(base_url=server["base_url"], model=server["model"],
-                                     tokenizer_dir=serve["tokenizer_dir"], max_context=model["max_model_len"]),
-                        Needle.model_validate(cfg))
+    ensure_alive(server, settle_s=0)  # one that died in an earlier stage: ServerDied with its log, not a refusal
+    try:
+        result = run_needle(NeedleTarget(base_url=server["base_url"], model=server["model"],
+                                         tokenizer_dir=serve["tokenizer_dir"], max_context=model["max_model_len"]),
+                            Needle.model_validate(cfg))
+    except NeedleError:
+        ensure_alive(server)  # every request failed because the server died mid-grid: say that, with its log
+        raise
     if any(c.status == "error" for c in result.cells):
         ensure_alive(server)  # a dead server fails the stage with its log tail; a live one's errors stay misses
     return result.to_dict()

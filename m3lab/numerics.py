@@ -217,7 +217,7 @@ def _top1(entry: Any) -> int | None:
 
 def check_parity(server: dict[str, Any], probes: Sequence[Probe], offline: "OfflineModel", prompt_logprobs: bool,
                  max_tokens: int, answers: dict[int, str], tokenizer: Any, max_mean_abs_delta: float,
-                 min_top1: float, timeout_s: float) -> dict[str, Any]:
+                 min_top1: float, timeout_s: float, top1_margin: float = 0.5) -> dict[str, Any]:
     rows, ok = [], True
     if prompt_logprobs:
         for p in probes:
@@ -237,17 +237,24 @@ def check_parity(server: dict[str, Any], probes: Sequence[Probe], offline: "Offl
                 rows.append({**row, "passed": False, "finding": f"unreadable prompt_logprobs: {e}"})
                 ok = False
                 continue
-            ref_lp, ref_top1 = offline.token_logprobs(p.ids)
+            ref_lp, ref_top1, ref_margin = offline.token_logprobs(p.ids)
             deltas = [abs(s - r) for s, r in zip(served[1:], ref_lp[1:])]
             nonfinite = sum(not math.isfinite(s) for s in served[1:])
-            agree = [(_top1(e) == t) for e, t in zip(entries[1:], ref_top1[1:]) if _top1(e) is not None]
-            top1 = sum(agree) / len(agree) if agree else float("nan")
+            pairs = [(_top1(e), t, m) for e, t, m in zip(entries[1:], ref_top1[1:], ref_margin[1:])
+                     if _top1(e) is not None]
+            top1 = sum(a == t for a, t, _ in pairs) / len(pairs) if pairs else float("nan")
+            # Where the reference's top-1 leads by less than top1_margin nats, bf16 rounding alone can swap the
+            # two (measured on the H200: max |Δ| 0.13 nats between vLLM and transformers, same bf16 weights):
+            # the verdict counts only the positions where the reference is sure.
+            sure = [(a, t) for a, t, m in pairs if m >= top1_margin]
+            top1_sure = sum(a == t for a, t in sure) / len(sure) if sure else float("nan")
             mean_d = sum(deltas) / len(deltas) if deltas else 0.0
             passed = (nonfinite == 0 and math.isfinite(mean_d) and mean_d <= max_mean_abs_delta
-                      and (not agree or top1 >= min_top1))
+                      and (not sure or top1_sure >= min_top1))
             ok &= passed
             rows.append({**row, "max_abs_delta": max(deltas, default=0.0), "mean_abs_delta": mean_d,
-                         "top1_agreement": top1, "nonfinite": nonfinite, "passed": passed})
+                         "top1_agreement": top1, "top1_agreement_sure": top1_sure, "sure_positions": len(sure),
+                         "nonfinite": nonfinite, "passed": passed})
         method = ("teacher-forced: the server's prompt_logprobs against offline transformers log-softmax of the "
                   "same token ids")
     else:
@@ -267,7 +274,8 @@ def check_parity(server: dict[str, Any], probes: Sequence[Probe], offline: "Offl
         method = ("greedy continuations against offline transformers greedy, token by token (the engine returns "
                   "no prompt_logprobs)")
     return {"verdict": "pass" if ok else "fail", "method": method, "rows": rows,
-            "tolerance": {"max_mean_abs_delta": max_mean_abs_delta, "min_top1": min_top1}}
+            "tolerance": {"max_mean_abs_delta": max_mean_abs_delta, "min_top1": min_top1,
+                          "top1_margin": top1_margin}}
 
 
 def check_prefix_cache(server: dict[str, Any], probes: Sequence[Probe], max_tokens: int,
@@ -313,16 +321,19 @@ class OfflineModel:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto").to(self.device).eval()
 
-    def token_logprobs(self, ids: Sequence[int]) -> tuple[list[float | None], list[int | None]]:
-        """(logprob of each prompt token given the ones before it, the argmax there); None for the first."""
+    def token_logprobs(self, ids: Sequence[int]) -> tuple[list[float | None], list[int | None], list[float | None]]:
+        """(logprob of each prompt token given the ones before it, the argmax there, the margin of that argmax
+        over the runner-up in nats); None for the first token."""
         torch = self.torch
         with torch.inference_mode():
             x = torch.tensor([list(ids)], device=self.device)
             logits = self.model(input_ids=x).logits[0].float()
             lp = torch.log_softmax(logits[:-1], dim=-1)
             actual = lp.gather(1, x[0, 1:, None])[:, 0].tolist()
-            top1 = lp.argmax(dim=-1).tolist()
-        return [None, *actual], [None, *top1]
+            top2 = lp.topk(2, dim=-1)
+            top1 = top2.indices[:, 0].tolist()
+            margin = (top2.values[:, 0] - top2.values[:, 1]).tolist()
+        return [None, *actual], [None, *top1], [None, *margin]
 
     def greedy(self, ids: Sequence[int], max_tokens: int) -> str:
         torch = self.torch
@@ -350,7 +361,7 @@ def run_checks(server: dict[str, Any], cfg: dict[str, Any], engine_meta: dict[st
     else:
         out["parity"] = check_parity(server, probes, offline_factory(), bool(engine_meta.get("prompt_logprobs")),
                                      cfg["max_tokens"], answers, tokenizer, cfg["max_mean_abs_delta"],
-                                     cfg["min_top1"], timeout)
+                                     cfg["min_top1"], timeout, cfg["top1_margin"])
     some = spread(probes, cfg["batch"])
     if not engine_meta.get("prefix_cache"):
         out["prefix_cache"] = {"verdict": "not run", "reason": "the engine has no prefix cache"}

@@ -336,7 +336,8 @@ class Numerics(_Section):
     repeats: int = Field(3, ge=2, le=100)  # each determinism probe alone, then once more in a concurrent batch
     batch: int = Field(4, ge=1, le=256)  # determinism / prefix-cache probes, sent together
     max_mean_abs_delta: float = Field(0.05, ge=0)  # teacher-forced parity: mean |Δ logprob| per probe, nats
-    min_top1: float = Field(0.99, ge=0, le=1)  # teacher-forced parity: top-1 agreement per probe
+    min_top1: float = Field(0.99, ge=0, le=1)  # teacher-forced parity: top-1 agreement per probe, counted where
+    top1_margin: float = Field(0.5, ge=0)  # the reference's top-1 leads its runner-up by this many nats or more
     seed: int = 0
     request_timeout_s: float = Field(600.0, gt=0)
 

@@ -239,21 +239,30 @@ def _git(*args: str) -> subprocess.CompletedProcess:
 
 
 def git_state() -> dict[str, Any]:
-    """The commit this code is, and whether the tree differs from it. Outside a checkout (a copy sent to a GPU
-    host), `M3LAB_GIT_COMMIT` may carry the commit the copy was made from; otherwise "unknown" and why."""
+    """The commit this code is, and whether the tree differs from it. A launcher that copies the tree to another
+    host says which commit it sent in `M3LAB_GIT_COMMIT` ("<sha>" or "<sha>-dirty"): that statement wins, because
+    the copy may carry a stale .git of its own (the lent GPU host's did: it reported an older commit, dirty).
+    Otherwise git itself, and outside a checkout "unknown" and why."""
+    given = os.environ.get("M3LAB_GIT_COMMIT", "").strip()
     try:
         head = _git("rev-parse", "--verify", "HEAD")
         if head.returncode == 0:
             dirty = _git("status", "--porcelain", "--untracked-files=no")
-            return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0
-                    else None, "source": "git"}
-        why = (head.stderr.strip().splitlines() or [f"git rev-parse exited {head.returncode}"])[-1]
+            found = {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0
+                     else None, "source": "git"}
+        else:
+            found = None
+            why = (head.stderr.strip().splitlines() or [f"git rev-parse exited {head.returncode}"])[-1]
     except (OSError, subprocess.SubprocessError) as e:
-        why = f"git not available: {e}"
-    given = os.environ.get("M3LAB_GIT_COMMIT", "").strip()
+        found, why = None, f"git not available: {e}"
     if given:
         commit, _, flag = given.partition("-")
-        return {"commit": commit, "dirty": flag == "dirty", "source": "M3LAB_GIT_COMMIT (not a git checkout)"}
+        out = {"commit": commit, "dirty": flag == "dirty", "source": "M3LAB_GIT_COMMIT (set by the launcher)"}
+        if found and found["commit"] != commit:
+            out["git_here"] = found  # what the copy's own .git said, kept so the disagreement is visible
+        return out
+    if found:
+        return found
     return {"commit": "unknown", "dirty": None, "source": "none", "reason": f"{REPO_ROOT}: {why}"}
 
 

@@ -256,3 +256,29 @@ def test_run_needle_server_dies_mid_grid(fake_server, tokenizer, monkeypatch):
                      Needle(lengths=[128, 256], depths=[0, 100]), tokenizer=tokenizer)
     assert [c.status for c in res.cells] == ["hit", "hit", "error", "error"]
     assert "not sent" in res.cells[3].error and res.accuracy == 0.5 and len(seen) == 2
+
+
+@pytest.mark.parametrize("stage", ["needle", "benchmark"])
+def test_a_server_that_died_in_an_earlier_stage_is_serverdied_with_its_log(stage, tmp_path):
+    """The as-shipped vLLM 0.25.1 run crashed in correctness's concurrent batch; the needle then said only
+    "Connection refused". A dead server must be named, with the decisive line of its log."""
+    import importlib
+    import subprocess
+    from types import SimpleNamespace
+
+    from m3lab.params import load_params
+    from m3lab.procs import ServerDied
+
+    log = tmp_path / "server.log"
+    log.write_text("INFO started\nRuntimeError: CUDA error: an illegal memory access was encountered\n")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    server = {"engine": "vllm", "base_url": "http://127.0.0.1:9/v1", "model": "m3", "pid": gone.pid,
+              "log_path": str(log)}
+    params = load_params("cpu-tiny").model_dump(mode="json")
+    ctx = SimpleNamespace(params={"needle": params["needle"], "model": params["model"],
+                                  "benchmark": params["benchmark"]},
+                          upstream=lambda name: {"server": server, "tokenizer_dir": str(tmp_path)},
+                          stage_dir=tmp_path)
+    with pytest.raises(ServerDied, match="illegal memory access"):
+        importlib.import_module(f"m3lab.{stage}").run_stage(ctx)

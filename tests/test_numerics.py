@@ -22,10 +22,10 @@ from transformers import AutoTokenizer
 
 from m3lab import numerics, serve
 from m3lab.params import Numerics
+from m3lab.registry import ENGINES
 
 CFG = {**Numerics().model_dump(), "lengths": [60, 127, 129], "edges": [], "max_tokens": 6, "repeats": 2,
        "batch": 3}
-TRANSFORMERS_META: dict[str, Any] = {}  # what m3lab.registry says of transformers serve: no logprobs, no cache
 
 
 def test_nan_errors_are_recognised_and_other_errors_are_not():
@@ -53,27 +53,28 @@ def test_probe_lengths_and_spread():
 
 
 class Served:
-    """One transformers serve per fault, started on first use, with the intact checkpoint's offline model."""
+    """One server per (engine, fault), started on first use, with the intact checkpoint's offline model."""
 
     def __init__(self, checkpoint: Path, root: Path) -> None:
         self.checkpoint, self.root = checkpoint, root
-        self.live: tuple[str, Any] | None = None
+        self.live: tuple[tuple[str, str], Any] | None = None
         self.offline: numerics.OfflineModel | None = None
 
-    def run(self, fault: str) -> dict[str, Any]:
-        if self.live is None or self.live[0] != fault:
+    def run(self, fault: str, engine: str = "transformers") -> dict[str, Any]:
+        if self.live is None or self.live[0] != (engine, fault):
             self.close()
-            served = serve.served_checkpoint("transformers", str(self.checkpoint), text_only=True, fault=fault)
-            self.live = (fault, serve.start_server("transformers", served, CPU_SERVE, self.root / fault))
+            served = serve.served_checkpoint(engine, str(self.checkpoint), text_only=True, fault=fault)
+            self.live = ((engine, fault), serve.start_server(engine, served, CPU_SERVE, self.root / engine / fault))
         tok = AutoTokenizer.from_pretrained(self.live[1].model_dir)
         if self.offline is None:
             self.offline = numerics.OfflineModel(str(self.checkpoint), tok)
-        return numerics.run_checks(self.live[1].__dict__, CFG, TRANSFORMERS_META, tok, lambda: self.offline,
-                                   [512], 4096)
+        meta = ENGINES.get(engine).meta
+        return numerics.run_checks(self.live[1].__dict__, CFG, meta, tok, lambda: self.offline, [512], 4096)
 
     def close(self) -> None:
         if self.live is not None:
-            serve.stop_all(self.root / self.live[0])
+            engine, fault = self.live[0]
+            serve.stop_all(self.root / engine / fault)
             self.live = None
 
 
@@ -109,6 +110,30 @@ def test_zeroed_shared_experts_fail_parity_at_length(served):
     assert r["nonfinite"]["verdict"] == "pass"  # finite garbage is not a NaN finding...
     assert r["parity"]["verdict"] == "fail"  # ...but it is not what the checkpoint computes
     assert min(row["token_match_rate"] for row in r["parity"]["rows"]) < 1.0
+
+
+# m3lab's reference engine returns vLLM's prompt_logprobs: teacher-forced parity for real, on CPU.
+
+
+def test_teacher_forced_parity_passes_on_the_intact_model(served):
+    r = served.run("none", engine="reference")
+    assert r["parity"]["verdict"] == "pass" and r["parity"]["method"].startswith("teacher-forced")
+    for row in r["parity"]["rows"]:  # same weights, same dtype, one thread: the numbers agree closely
+        assert row["mean_abs_delta"] < 1e-3 and row["top1_agreement_sure"] == 1.0 and row["sure_positions"] > 0
+    assert r["nonfinite"]["verdict"] == "pass" and r["nonfinite"]["logprobs"] == "requested"
+
+
+def test_teacher_forced_parity_fails_on_zeroed_shared_experts(served):
+    r = served.run("zero_shared_experts", engine="reference")
+    assert r["parity"]["verdict"] == "fail"
+    assert max(row["mean_abs_delta"] for row in r["parity"]["rows"]) > CFG["max_mean_abs_delta"]
+
+
+def test_nan_logprobs_are_an_http_400_finding_on_an_engine_that_returns_them(served):
+    r = served.run("nan_routed_expert", engine="reference")
+    assert r["nonfinite"]["verdict"] == "fail"
+    assert {f["kind"] for f in r["nonfinite"]["findings"]} == {"HTTP 400: NaN"}
+    assert all(row.get("finding") == "HTTP 400: NaN" for row in r["parity"]["rows"])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -31,4 +31,13 @@ def test_a_copy_sent_to_a_gpu_host_takes_the_commit_it_was_made_from(tmp_path, m
     monkeypatch.setenv("M3LAB_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567-dirty")
     state = report.git_state()
     assert state == {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": True,
-                     "source": "M3LAB_GIT_COMMIT (not a git checkout)"}
+                     "source": "M3LAB_GIT_COMMIT (set by the launcher)"}
+
+
+def test_the_launchers_commit_wins_over_a_stale_git_in_the_copy(monkeypatch):
+    # The lent GPU host's copy carried an older .git: git said 94a9c5e (dirty) for code that was b3ffa14.
+    monkeypatch.setenv("M3LAB_GIT_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    state = report.git_state()
+    assert state["commit"] == "0123456789abcdef0123456789abcdef01234567" and state["dirty"] is False
+    if "git_here" in state:  # in a checkout: what its own git said is kept beside
+        assert state["git_here"]["source"] == "git" and state["git_here"]["commit"] != state["commit"]
