@@ -447,6 +447,9 @@ class Claim(_Section):
     measure_stderr: str | None = None
     tolerance: Tolerance
     note: str = ""
+    # How the card measured it, as the eval's own flags (e.g. a PPL's {--window-tokens: 2048, --stride: 2048}):
+    # the eval that `measure` points into must run with exactly these, or the profile is refused.
+    protocol: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _recovery_has_a_baseline(self) -> "Claim":
@@ -519,6 +522,22 @@ class Params(_Section):
                                  "serves (quantize.recipe none): a recovery against itself measures nothing")
         if base.profile == self.profile:
             raise ValueError(f"correctness.baseline.profile: {base.profile!r} is this profile")
+        return self
+
+    @model_validator(mode="after")
+    def _claims_are_measured_the_cards_way(self) -> "Params":
+        evals = {e.id: e for e in self.correctness.evals}
+        for c in self.claims:
+            if not c.protocol:
+                continue
+            m = re.match(r"evals\[id=([^\],]+)\]", c.measure)
+            if c.stage != "correctness" or not m or m[1] not in evals:
+                raise ValueError(f"claims[{c.id}].protocol: its measure {c.measure!r} names no eval of this profile")
+            args = evals[m[1]].args
+            for flag, want in c.protocol.items():
+                if args.get(flag) != want:
+                    raise ValueError(f"claims[{c.id}].protocol: the card measured with {flag} {want!r}, but "
+                                     f"correctness.evals[{m[1]}].args has {flag} {args.get(flag)!r}")
         return self
 
     @model_validator(mode="after")

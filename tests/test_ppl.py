@@ -11,6 +11,7 @@ import http.server
 import itertools
 import json
 import math
+import re
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -226,3 +227,22 @@ def test_transformers_serve_is_not_supported(start_tiny_server, tiny_text_checkp
     with pytest.raises(PPLNotSupported, match="prompt_logprobs") as raised:
         corpus_perplexity(asdict(rec), wikitext_slice, str(tiny_text_checkpoint), PPLConfig(window_tokens=64))
     assert "transformers engine" in str(raised.value)
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("hf:wikitext/wikitext-2-raw-v1/test",
+     r"wikitext \(wikitext-2-raw-v1, test split\) is not in the local HF datasets cache.*load_dataset\('wikitext', "
+     r"'wikitext-2-raw-v1', split='test'\)"),
+    ("hf:wikitext", r"write hf:<dataset>/<config>/<split>"),
+])
+def test_a_dataset_missing_from_the_local_cache_is_not_run_with_how_to_get_it(spec, match, tmp_path, monkeypatch):
+    from m3lab.evals import ppl
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache, offline: nothing may be fetched
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rec = ppl.run({"id": "wikitext2_ppl", "runner": "prompt_logprobs_ppl", "seeds": [],
+                   "args": {"--data": spec, "--window-tokens": 64}},
+                  {"base_url": "http://127.0.0.1:9/v1", "model": "m3", "model_dir": str(tmp_path)})
+    assert rec["status"] == "not run" and "score" not in rec
+    assert re.search(match, rec["reason"]), rec["reason"]

@@ -54,6 +54,14 @@ CASES = [
     ({"correctness": {"baseline": {"checkpoint": None, "profile": "../x"}}}, r"correctness\.baseline\.profile"),
     ({"quantize": {"recipe": "none"}}, r"download is the checkpoint this profile serves"),
     ({"correctness": {"numerics": {"repeats": 1}}}, r"correctness\.numerics\.repeats"),
+    ({"claims": [{"id": "x", "card": "tiny", "metric": "m", "claimed": 1.0, "stage": "correctness",
+                  "measure": "evals[id=tiny_arith].score", "tolerance": {"min": 0},
+                  "protocol": {"--model": "local-chat-completions"}}]},
+     r"claims\[x\]\.protocol: the card measured with --model 'local-chat-completions', but "
+     r"correctness\.evals\[tiny_arith\]\.args has --model 'local-completions'"),
+    ({"claims": [{"id": "x", "card": "tiny", "metric": "m", "claimed": 1.0, "stage": "needle",
+                  "measure": "accuracy", "tolerance": {"min": 0}, "protocol": {"--stride": 1}}]},
+     r"claims\[x\]\.protocol: its measure 'accuracy' names no eval"),
     ({"correctness": {"numerics": {"edges": [0]}}}, r"correctness\.numerics\.edges"),
 ]
 

@@ -284,33 +284,73 @@ def corpus_perplexity(server: dict[str, Any], corpus_path: str | Path, tokenizer
                              cfg.timeout_s)
 
 
+HF_PREFIX = "hf:"  # --data hf:<dataset>/<config>/<split>, e.g. hf:wikitext/wikitext-2-raw-v1/test
+TOKENIZATION = "the served checkpoint's tokenizer, the whole text at once, no special tokens"
+
+
+def load_hf_text(spec: str) -> str:
+    """The text of a dataset split from the local HF datasets cache (offline: nothing is fetched at run time),
+    rows joined as wikitext's own files are. A clear error says how to get it when it is missing."""
+    name, config, split = (spec[len(HF_PREFIX):].split("/") + ["", "", ""])[:3]
+    if not (name and config and split):
+        raise ValueError(f"--data {spec!r}: write hf:<dataset>/<config>/<split>, e.g. hf:wikitext/wikitext-2-raw-v1/test")
+    import os
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - the cache miss comes as several exception types
+        raise ValueError(
+            f"--data {spec}: {name} ({config}, {split} split) is not in the local HF datasets cache "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fetch it once on a machine with network: "
+            f"python -c \"import datasets; datasets.load_dataset('{name}', '{config}', split='{split}')\" "
+            f"(then copy ~/.cache/huggingface/datasets), or give --data a local text file") from None
+    return "".join(rows["text"])
+
+
 def run(ev: dict[str, Any], server: dict[str, Any], out_dir: Path | None = None) -> dict[str, Any]:
     """Token-level perplexity through vLLM's prompt_logprobs (card 002's method), as an eval record.
 
-    args: --data (a text file; `m3lab:filler` = 400 sentences of m3lab's own needle filler, the text the tiny
-    model was trained on), --window-tokens, --max-windows, --detokenize (wikitext's tokenized v1 spacing)."""
+    args: --data (a text file; `hf:<dataset>/<config>/<split>` from the local HF datasets cache, e.g.
+    hf:wikitext/wikitext-2-raw-v1/test; `m3lab:filler` = 400 sentences of m3lab's own needle filler, the text the
+    tiny model was trained on), --window-tokens, --stride (default window - 1), --max-windows, --detokenize
+    (wikitext's tokenized v1 spacing). The record says how the text was tokenized, windowed and strided."""
     from transformers import AutoTokenizer
 
     args = ev["args"]
     data = str(args.get("--data", ""))
-    if data == "m3lab:filler":
-        corpus = needle.filler_text(400, seed=ev["seeds"][0] if ev["seeds"] else 0)
-    elif Path(data).is_file():
-        corpus = read_wikitext(data, detokenize=bool(args.get("--detokenize")))
-    else:
-        return {"id": ev["id"], "status": "not run", "reason": f"--data {data!r}: no such file"}
-    tok = AutoTokenizer.from_pretrained(server["model_dir"])
     try:
-        r = server_perplexity(server, tokenize(corpus, tok), int(args.get("--window-tokens", 2048)),
-                                  max_windows=args.get("--max-windows"))
-    except PPLNotSupported as e:
+        if data == "m3lab:filler":
+            corpus = needle.filler_text(400, seed=ev["seeds"][0] if ev["seeds"] else 0)
+        elif data.startswith(HF_PREFIX):
+            corpus = load_hf_text(data)
+        elif Path(data).is_file():
+            corpus = read_wikitext(data, detokenize=bool(args.get("--detokenize")))
+        else:
+            raise ValueError(f"--data {data!r}: no such file")
+    except ValueError as e:
         return {"id": ev["id"], "status": "not run", "reason": str(e)}
+    tok = AutoTokenizer.from_pretrained(server["model_dir"])
+    window = int(args.get("--window-tokens", 2048))
+    stride = int(args["--stride"]) if args.get("--stride") is not None else None
+    protocol = {"data": data, "tokenization": TOKENIZATION, "tokenizer": server["model_dir"],
+                "window_tokens": window, "stride": stride if stride is not None else window - 1,
+                "detokenize": bool(args.get("--detokenize"))}
+    try:
+        r = server_perplexity(server, tokenize(corpus, tok), window, stride, max_windows=args.get("--max-windows"))
+    except PPLNotSupported as e:
+        return {"id": ev["id"], "status": "not run", "reason": str(e), "protocol": protocol}
     except RequestFailed as e:  # the server is alive but refused (e.g. vLLM could not serialize a NaN logprob)
-        return {"id": ev["id"], "status": "failed", "reason": str(e)}
-    return {"id": ev["id"], "status": "ok", "runner": ev["runner"], "score": r.ppl, **asdict(r)}
+        return {"id": ev["id"], "status": "failed", "reason": str(e), "protocol": protocol}
+    return {"id": ev["id"], "status": "ok", "runner": ev["runner"], "score": r.ppl, **asdict(r),
+            "protocol": protocol}
 
 
 def plan_lines(ev: dict[str, Any], server: dict[str, Any]) -> list[str]:
     a = ev.get("args") or {}
-    return [f"perplexity of {a.get('--data')} through /v1/completions prompt_logprobs, windows of "
-            f"{a.get('--window-tokens', 2048)} tokens (max {a.get('--max-windows')})"]
+    window = int(a.get("--window-tokens", 2048))
+    stride = a.get("--stride") if a.get("--stride") is not None else window - 1
+    return [f"perplexity of {a.get('--data')} through /v1/completions prompt_logprobs, windows of {window} tokens, "
+            f"stride {stride} (max {a.get('--max-windows')}); {TOKENIZATION}"]
