@@ -13,14 +13,15 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from m3lab import evals, numerics
-from m3lab.client import RequestFailed, complete
+from m3lab import evals, numerics, parsers
+from m3lab.client import RequestFailed, complete, post
 from m3lab.engines import served_checkpoint
 from m3lab.evals import paired
 from m3lab.numerics import prefix_match_rate
@@ -92,6 +93,43 @@ def run_parity(server: dict[str, Any], model_dir: str, prompts: list[str], max_t
     return results
 
 
+def run_chat_check(server: dict[str, Any], check: dict[str, Any]) -> dict[str, Any]:
+    """One chat check (params `correctness.chat`): the engine's parsed message where it parsed (vLLM with
+    --reasoning-parser/--tool-call-parser), else m3lab.parsers on the raw text (transformers serve)."""
+    body = {"model": server["model"], "messages": check["messages"], "max_tokens": check["max_tokens"],
+            "temperature": 0, **({"tools": check["tools"]} if check["tools"] else {})}
+    status, answer = post(server, "/chat/completions", body)
+    if status != 200 or not isinstance(answer, dict):
+        raise RequestFailed(f"chat check {check['id']}: HTTP {status}: {str(answer)[:300]}", status, answer)
+    raw = answer["choices"][0]["message"]
+    engine_parsed = bool(raw.get("tool_calls") or raw.get("reasoning_content") or raw.get("reasoning"))
+    if engine_parsed:
+        msg = {"content": raw.get("content"), "reasoning_content": raw.get("reasoning_content") or raw.get("reasoning"),
+               "tool_calls": raw.get("tool_calls") or []}
+    else:
+        msg = parsers.parse_assistant_message(raw.get("content") or "", tools=check["tools"] or None)
+    content = msg.get("content") or ""
+    problems = [f"content lacks {e!r}" for e in check["expect"] if e not in content]
+    if check["expect_reasoning"]:
+        if not (msg.get("reasoning_content") or "").strip():
+            problems.append("no reasoning_content")
+        if "<mm:think>" in content or "</mm:think>" in content:
+            problems.append("think markup left in the content")
+    want = check.get("expect_tool")
+    if want:
+        calls = [c.get("function", {}) for c in msg.get("tool_calls") or []]
+        hit = [c for c in calls if c.get("name") == want["name"]]
+        if not hit:
+            problems.append(f"no call to {want['name']} (calls: {[c.get('name') for c in calls]})")
+        else:
+            args = hit[0].get("arguments")
+            args = json.loads(args) if isinstance(args, str) else (args or {})
+            problems += [f"{want['name']}.{k} is {args.get(k)!r}, expected {v!r}"
+                         for k, v in want["arguments"].items() if args.get(k) != v]
+    return {"id": check["id"], "parser": "the engine's" if engine_parsed else "m3lab.parsers",
+            "raw": (raw.get("content") or "")[:400], "message": msg, "passed": not problems, "problems": problems}
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.params["correctness"]
     server = ctx.upstream("serve")["server"]
@@ -118,6 +156,12 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         }
     else:
         result["parity"] = {"status": "not run", "reason": "correctness.parity.enabled is false in the profile"}
+    if cfg.get("chat"):
+        chat = [run_chat_check(server, c) for c in cfg["chat"]]
+        result["chat"] = {"checks": chat, "passed": sum(c["passed"] for c in chat), "total": len(chat),
+                          "pass_rate": sum(c["passed"] for c in chat) / len(chat)}
+    else:
+        result["chat"] = {"status": "not run", "reason": "correctness.chat is empty in the profile"}
     result["evals"] = run_evals(ctx, cfg, server)
     result["numerics"] = run_numerics(ctx, cfg["numerics"], server)  # last: its concurrent batch may crash a server
     return result

@@ -283,6 +283,33 @@ class Prompt(_Section):
     lang: str = "en"
 
 
+class ExpectTool(_Section):
+    name: str = Field(min_length=1)
+    arguments: dict[str, Any] = Field(default_factory=dict)  # each must equal the call's argument of that name
+
+
+class ChatCheck(_Section):
+    """One /v1/chat/completions request, judged on the parsed message: the engine's own reasoning and tool
+    parsers where it has them (vLLM), else m3lab.parsers (transformers serve, mlx_lm.server return raw text)."""
+
+    id: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    max_tokens: int = Field(96, gt=0, le=65536)
+    expect: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)  # in the content
+    expect_reasoning: bool = False  # a non-empty reasoning_content, and no think markup left in the content
+    expect_tool: ExpectTool | None = None
+
+    @model_validator(mode="after")
+    def _expects_something(self) -> "ChatCheck":
+        if not (self.expect or self.expect_reasoning or self.expect_tool):
+            raise ValueError(f"chat check {self.id!r} expects nothing: give expect, expect_reasoning or expect_tool")
+        if self.expect_tool and not any((t.get("function") or {}).get("name") == self.expect_tool.name
+                                        for t in self.tools):
+            raise ValueError(f"chat check {self.id!r}: expect_tool {self.expect_tool.name!r} is not among its tools")
+        return self
+
+
 class Parity(_Section):
     enabled: bool = True
     prompts: list[str] = Field(default_factory=list)
@@ -366,6 +393,7 @@ class Correctness(_Section):
     prompts: list[Prompt] = Field(min_length=1)
     parity: Parity = Field(default_factory=Parity)
     evals: list[Eval] = Field(default_factory=list)
+    chat: list[ChatCheck] = Field(default_factory=list)  # reasoning and tool-call checks (m3lab.correctness)
     baseline: Baseline | None = None  # None: recoveries are `not run (no baseline measured)`
     numerics: Numerics = Field(default_factory=Numerics)
 

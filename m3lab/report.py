@@ -196,6 +196,12 @@ def checks(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
             bad = [r for r in c.get("rows", []) if not r.get("same_tokens")]
             detail = f"{len(bad)} of {len(c.get('rows', []))} probes differ cached vs cold"
         rows.append({"check": label, "verdict": c.get("verdict"), "detail": detail})
+    chat = (corr or {}).get("chat")
+    if isinstance(chat, dict) and "checks" in chat:
+        bad = [c for c in chat["checks"] if not c["passed"]]
+        rows.append({"check": "chat: reasoning and tool calls", "verdict": "fail" if bad else "pass",
+                     "detail": f"{chat['passed']} of {chat['total']} ({', '.join(sorted({c['parser'] for c in chat['checks']}))} parser)"
+                               + "".join(f"; {c['id']}: {', '.join(c['problems'])}" for c in bad)})
     for ev in (corr or {}).get("evals", []):
         pair = ev.get("paired") or {}
         label = f"recovery: {ev.get('id')}"

@@ -78,6 +78,7 @@ def test_stage_results_come_from_the_real_parts(first_run):
     assert num["nonfinite"]["verdict"] == "pass" and num["determinism"]["verdict"] == "pass"
     assert num["parity"]["verdict"] == "pass" and "greedy" in num["parity"]["method"]  # no logprobs on CPU
     assert num["prefix_cache"]["verdict"] == "not run"
+    assert corr["chat"]["passed"] == corr["chat"]["total"] == 2  # reasoning and a tool call, via m3lab.parsers
     needle = read("needle")
     assert needle["cells_run"] == needle["cells_total"] == 20
     bench = read("benchmark")
