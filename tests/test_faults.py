@@ -143,8 +143,11 @@ def test_zero_shared_experts_turns_the_needle_red(runs):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_wrong_rope_theta_is_caught(runs):
-    assert runs.measure("wrong_rope_theta", "parity") < 1.0 or runs.measure("wrong_rope_theta", "needle") < 1.0
+def test_wrong_rope_theta_is_caught_by_the_needle(runs):
+    # One check, named: the needle's long prompts are where the RoPE base matters. Teacher-forced parity
+    # catches it on its own too (tests/test_numerics.py).
+    ok, value = runs.green("wrong_rope_theta", "needle", "tiny-needle")
+    assert not ok, f"the needle must miss keys with the wrong RoPE base; accuracy {value}"
 
 
 def test_faults_break_a_copy_never_the_checkpoint(trained_checkpoint, tmp_path):

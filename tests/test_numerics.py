@@ -129,6 +129,14 @@ def test_teacher_forced_parity_fails_on_zeroed_shared_experts(served):
     assert max(row["mean_abs_delta"] for row in r["parity"]["rows"]) > CFG["max_mean_abs_delta"]
 
 
+def test_teacher_forced_parity_fails_on_a_wrong_rope_theta(served):
+    """A loader that ignores rope_parameters (RoPE base 10,000 for 5,000,000): greedy text can survive it at
+    these lengths, the logprobs do not."""
+    r = served.run("wrong_rope_theta", engine="reference")
+    assert r["parity"]["verdict"] == "fail"
+    assert r["nonfinite"]["verdict"] == "pass"
+
+
 def test_nan_logprobs_are_an_http_400_finding_on_an_engine_that_returns_them(served):
     r = served.run("nan_routed_expert", engine="reference")
     assert r["nonfinite"]["verdict"] == "fail"
