@@ -763,3 +763,58 @@ def plan_for_params(p: Any) -> dict[str, Any]:
     out = plan.as_dict()
     out["inputs"] = {k: v for k, v in dataclasses.asdict(inputs).items() if k not in ("quantization", "parallel")}
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Roofline: how fast one decode stream could go if it were memory-bound.
+
+# Parts a decode step does not read in full: the vision tower and projector (text tokens), and the embedding
+# (one row per token). Routed experts are read for the experts_per_token of num_experts a token picks.
+_NOT_READ = ("vision_tower", "projector", "embed_tokens")
+
+
+def active_bytes_per_token(config: Mapping[str, Any] | ModelShape, quant: str | QuantScheme = "none") -> float:
+    """Weight bytes one decode step reads for one token under a scheme, per part's own precision."""
+    s, scheme = _shape(config), _scheme(quant)
+    total = 0.0
+    for part, c in _all_parts(s).items():
+        if part in _NOT_READ:
+            continue
+        b = scheme.precision(part).nbytes(c)
+        total += b * (s.experts_per_token / s.num_experts if part == "routed_experts" else 1.0)
+    return total
+
+
+def decode_bound(config: Mapping[str, Any] | ModelShape, bandwidth_gb_s: float, gpus: int = 1,
+                 quant: str | QuantScheme = "none", context_tokens: int = 0,
+                 bits_per_weight: float | None = None) -> dict[str, Any]:
+    """Single-stream decode tok/s if memory bandwidth were the only limit: the GPUs' summed bandwidth (tensor
+    parallel: each reads its share at once) over the bytes one token reads, the active weights plus the KV cache
+    at `context_tokens`. `bits_per_weight` (a quant report's measured figure) replaces the scheme's per-part
+    precisions with one average."""
+    s = _shape(config)
+    if bits_per_weight is not None:
+        counts = param_counts(s)
+        weights = counts.active_with_lm_head * bits_per_weight / 8
+        how = f"active parameters × {bits_per_weight:.3f} bits/weight (measured)"
+    else:
+        weights = active_bytes_per_token(s, quant)
+        how = f"active parameters at the {_scheme(quant).name} scheme's precisions"
+    kv = kv_bytes_per_token(s)[0] * context_tokens
+    bound = bandwidth_gb_s * 1e9 * gpus / (weights + kv)
+    return {"decode_bound_tok_s": bound, "bytes_per_token": weights + kv, "weight_bytes_per_token": weights,
+            "kv_bytes_per_token_read": kv, "context_tokens": context_tokens, "bandwidth_gb_s": bandwidth_gb_s,
+            "gpus": gpus, "weights": how}
+
+
+def decode_bound_for_params(p: Any, bits_per_weight: float | None = None) -> dict[str, Any]:
+    """The profile's decode bound at its benchmark's mean context (input_len + output_len / 2), or `not run` and
+    why (no bandwidth in its hardware file)."""
+    hw = p.hardware
+    if not hw.memory_bandwidth_gb_s:
+        return {"status": "not run", "reason": f"hardware {hw.name!r} states no memory_bandwidth_gb_s "
+                                                f"(params/hardware/)"}
+    gpus = int(p.serve.args.get("--tensor-parallel-size") or 1) if p.serve.engine == "vllm" else max(hw.gpus, 1)
+    ctx = p.benchmark.input_len + p.benchmark.output_len // 2
+    out = decode_bound(_profile_config(p), hw.memory_bandwidth_gb_s, gpus, _profile_scheme(p), ctx, bits_per_weight)
+    return {"status": "ok", **out, "bandwidth_source": hw.memory_bandwidth_source}

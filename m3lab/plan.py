@@ -28,6 +28,7 @@ class Plan:
     card: dict[str, Any] | None
     stages: dict[str, list[str]] = field(default_factory=dict)  # stage → lines (commands first)
     memory: dict[str, Any] | None = None
+    roofline: dict[str, Any] | None = None  # m3lab.memplan.decode_bound_for_params
 
 
 def _download_lines(p: Params) -> list[str]:
@@ -120,6 +121,7 @@ def make_plan(p: Params) -> Plan:
     plan.stages["plot"] = [f"{len(p.claims)} claims: " + ", ".join(c.id for c in p.claims)] if p.claims else \
         ["no claims"]
     plan.memory = _memory(p)
+    plan.roofline = memplan.decode_bound_for_params(p)
     return plan
 
 
@@ -144,6 +146,16 @@ def format_plan(plan: Plan) -> str:
     for stage, lines in plan.stages.items():
         out.append(f"\n[{stage}]")
         out += [f"  {line}" for line in lines]
+    if plan.roofline:
+        r = plan.roofline
+        out.append("\n[roofline]")
+        if r.get("status") == "ok":
+            out.append(f"  single-stream decode bound: {r['decode_bound_tok_s']:,.1f} tok/s = {r['gpus']} × "
+                       f"{r['bandwidth_gb_s']:g} GB/s over {r['bytes_per_token'] / 1e9:.3f} GB per token "
+                       f"({r['weights']}, plus the KV cache at {r['context_tokens']} tokens)")
+            out.append(f"  bandwidth source: {r.get('bandwidth_source')}")
+        else:
+            out.append(f"  not run: {r.get('reason')}")
     if plan.memory:
         out.append("\n[memory plan]")
         out += [f"  {k}: {_fmt(v)}" for k, v in plan.memory.items() if v not in ((), [], None)]

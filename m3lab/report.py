@@ -227,6 +227,25 @@ def checks(run_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def add_roofline(summary: dict[str, Any], params: Params) -> None:
+    """summary["roofline"]: the profile's single-stream decode bound (m3lab.memplan.decode_bound_for_params,
+    from the hardware file's bandwidth and the quant report's measured bits per weight), and each benchmark level's
+    decode tok/s as a percentage of it. No bandwidth, no model shape: `not run` and why."""
+    from m3lab import memplan
+
+    bpw = (summary.get("quantize") or {}).get("bits_per_weight")
+    try:
+        roof = memplan.decode_bound_for_params(params, bits_per_weight=bpw if isinstance(bpw, (int, float)) else None)
+    except (memplan.PlanError, KeyError, ValueError) as e:
+        roof = {"status": "not run", "reason": f"{type(e).__name__}: {e}"}
+    summary["roofline"] = roof
+    if roof.get("status") != "ok":
+        return
+    for lv in (summary.get("benchmark") or {}).get("levels", []):
+        if isinstance(lv.get("decode_tok_s"), (int, float)):
+            lv["decode_pct_of_bound"] = round(100.0 * lv["decode_tok_s"] / roof["decode_bound_tok_s"], 4)
+
+
 def _checks_html(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>No checks ran.</p>"
@@ -352,7 +371,8 @@ def _headline_rows(summary: dict[str, Any]) -> str:
         if stage == "benchmark":
             for lvl in h.get("levels", []):
                 txt = ", ".join(f"{k} {_fmt(lvl.get(k))}" for k in ("output_throughput", "median_ttft_ms",
-                                                                    "median_tpot_ms", "p99_e2el_ms") if k in lvl)
+                                                                    "median_tpot_ms", "p99_e2el_ms", "decode_tok_s",
+                                                                    "decode_pct_of_bound") if k in lvl)
                 rows.append(f"<tr><td>benchmark</td><td>concurrency {_fmt(lvl.get('concurrency'))}</td>"
                             f"<td>{txt}</td></tr>")
             continue
@@ -425,6 +445,7 @@ def finish_run(rep: RunReport, params: Params, duration_s: float) -> None:
             except Exception as e:  # a broken notebook must not hide the rest of the report
                 page.write_text(_page(name, f"<p>Could not render {nb.name}: {html.escape(str(e))}</p>"))
     summary = build_summary(rep, duration_s)
+    add_roofline(summary, params)
     write_json(rep.run_dir / "summary.json", summary)
     write_json(rep.run_dir / "provenance.json", provenance(params, rep.run_dir))
     write_index(rep.run_dir, summary, params)

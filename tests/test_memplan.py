@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import pytest
 
+from m3lab import memplan
+
 from m3lab.memplan import (
     GiB,
     MemoryPlan,
@@ -260,3 +262,36 @@ def test_profile_whose_weights_cannot_fit_names_the_profile():
     p = p.model_copy(update={"hardware": p.hardware.model_copy(update={"gpu_memory_gib": 24})})
     with pytest.raises(WeightsDoNotFit, match=r"profile h100x8-fp8: needs \d+\.\d GiB per GPU"):
         plan_for_params(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Roofline: the single-stream decode bound, checked against the figures the benchmark issue states
+
+
+def test_decode_bound_of_card_003s_m3_ultra_and_card_002s_two_rtx_pro_6000():
+    from m3lab.params import load_params
+
+    ultra = memplan.decode_bound_for_params(load_params("m3ultra-mlx-q4"), bits_per_weight=4.59)
+    assert ultra["status"] == "ok" and 55 <= ultra["decode_bound_tok_s"] <= 62  # 819 GB/s at 4.59 bpw
+    assert 35 <= 100 * 21.7 / ultra["decode_bound_tok_s"] <= 40  # card 003's decode is 35–40% of it
+    scheme = memplan.decode_bound_for_params(load_params("m3ultra-mlx-q4"))  # the mlx scheme's own precisions
+    assert 55 <= scheme["decode_bound_tok_s"] <= 62
+    rtx = memplan.decode_bound_for_params(load_params("rtxpro6000x2-autoround"))
+    assert rtx["gpus"] == 2 and rtx["bandwidth_gb_s"] == 1792
+    assert 100 * 13 / rtx["decode_bound_tok_s"] < 10  # card 002's 13 tok/s: a few percent of its bound
+
+
+def test_the_bound_is_bandwidth_over_bytes_and_needs_a_bandwidth():
+    from m3lab.params import load_params
+
+    cfg = memplan.load_config("minimax-m3")
+    one = memplan.decode_bound(cfg, 1000.0, 1, "none")
+    assert one["decode_bound_tok_s"] == pytest.approx(1000e9 / one["bytes_per_token"])
+    assert memplan.decode_bound(cfg, 1000.0, 2, "none")["decode_bound_tok_s"] == pytest.approx(
+        2 * one["decode_bound_tok_s"])
+    longer = memplan.decode_bound(cfg, 1000.0, 1, "none", context_tokens=100_000)
+    assert longer["decode_bound_tok_s"] < one["decode_bound_tok_s"]  # the KV cache is read too
+    # bf16 reads ~2 bytes per active parameter: 23.5B active (+ lm_head) → 47–50 GB a token
+    assert 45e9 < one["weight_bytes_per_token"] < 52e9
+    cpu = memplan.decode_bound_for_params(load_params("cpu-tiny"))
+    assert cpu["status"] == "not run" and "memory_bandwidth_gb_s" in cpu["reason"]
