@@ -550,6 +550,8 @@ class Params(_Section):
                                  "serves (quantize.recipe none): a recovery against itself measures nothing")
         if base.profile == self.profile:
             raise ValueError(f"correctness.baseline.profile: {base.profile!r} is this profile")
+        if base.profile is not None and not (PARAMS_DIR / f"{base.profile}.yaml").is_file():
+            raise ValueError(f"correctness.baseline.profile: no profile {base.profile!r} in {PARAMS_DIR}")
         return self
 
     @model_validator(mode="after")

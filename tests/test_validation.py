@@ -52,6 +52,8 @@ CASES = [
     ({"correctness": {"baseline": {"checkpoint": None, "profile": "bad"}}},
      r"correctness\.baseline\.profile: 'bad' is this profile"),
     ({"correctness": {"baseline": {"checkpoint": None, "profile": "../x"}}}, r"correctness\.baseline\.profile"),
+    ({"correctness": {"baseline": {"checkpoint": None, "profile": "cpu-tiny-nope"}}},
+     r"correctness\.baseline\.profile: no profile 'cpu-tiny-nope'"),
     ({"quantize": {"recipe": "none"}}, r"download is the checkpoint this profile serves"),
     ({"correctness": {"numerics": {"repeats": 1}}}, r"correctness\.numerics\.repeats"),
     ({"correctness": {"chat": [{"id": "c", "messages": [{"role": "user", "content": "hi"}]}]}},
