@@ -123,8 +123,9 @@ def test_summary_json_has_every_documented_key(first_run):
     assert set(claims) == {"tiny-correctness", "tiny-parity", "tiny-needle", "tiny-arith", "tiny-arith-recovery"}
     for c in claims.values():
         assert c["verdict"] in ("reproduced", "not reproduced") and isinstance(c["measured"], (int, float))
-    assert claims["tiny-arith-recovery"]["measured"] == pytest.approx(pair["recovery_pct"], abs=1e-3)
-    assert claims["tiny-arith"]["measured"] == pytest.approx(base["score_pct"], abs=1e-3)  # bf16, like the card
+    arith = json.loads((rep.run_dir / "correctness" / "result.json").read_text())["evals"][0]
+    assert claims["tiny-arith-recovery"]["measured"] == pytest.approx(arith["paired"]["recovery_pct"], abs=1e-3)
+    assert claims["tiny-arith"]["measured"] == pytest.approx(arith["baseline"]["score_pct"], abs=1e-3)  # bf16
     assert {c["check"] for c in summary["checks"]} >= {"numerics: nonfinite", "numerics: determinism",
                                                         "numerics: parity", "recovery: tiny_arith"}
     assert claims["tiny-correctness"]["verdict"] == "reproduced"  # the trained model knows its facts
