@@ -81,3 +81,47 @@ def filler_tokenizer(add_bos: bool = False):
     if add_bos:  # like most LLM tokenizers
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+class StandIn:
+    """A JSON server on 127.0.0.1 standing in for an engine behaviour nothing on this machine can produce (a
+    nondeterministic GPU engine, vLLM's own parsers, a model whose answers a test dictates). Tests that use it
+    say so. `answer(body, n)` → (HTTP status, JSON payload) for the n-th POST (from 1); `server` is a record
+    in the serve stage's shape (no pid: m3lab did not start it)."""
+
+    def __init__(self, answer: Callable[[dict[str, Any], int], tuple[int, Any]]) -> None:
+        import http.server
+        import json
+        import threading
+
+        seen = {"n": 0}
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    seen["n"] += 1
+                    n = seen["n"]
+                status, reply = answer(body, n)
+                payload = json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server = {"base_url": f"http://127.0.0.1:{self.httpd.server_address[1]}/v1", "model": "m3",
+                       "engine": "stand-in"}
+
+    def __enter__(self) -> "StandIn":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -9,13 +9,11 @@ here; a stand-in answers in that shape, and says so.
 from __future__ import annotations
 
 import copy
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import CPU_SERVE
+from conftest import CPU_SERVE, StandIn
 
 from m3lab import serve
 from m3lab.checkpoint import text_only
@@ -63,25 +61,6 @@ def test_an_engine_that_parsed_itself_is_read_as_it_answered():
         "tool_calls": [{"id": "c1", "type": "function",
                         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]}}]}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            payload = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        r = run_chat_check({"base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1", "model": "m3"},
-                           CHECKS["tool-call"])
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with StandIn(lambda body, n: (200, answer)) as s:
+        r = run_chat_check(s.server, CHECKS["tool-call"])
     assert r["passed"] and r["parser"] == "the engine's"

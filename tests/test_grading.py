@@ -7,12 +7,11 @@ filters are checked, and the per-item records that paired comparisons read (m3la
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
+from conftest import StandIn
 
 from m3lab.evals.harness import run_eval
 from m3lab.evals.paired import read_samples, samples_file
@@ -38,28 +37,14 @@ CASES = [
 def stand_in():
     replies = {f"Question: {it['question']}\nAnswer:": case(it)[0] for it, case in zip(ITEMS, CASES)}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
-            choices = [{"index": i, "text": replies[p], "finish_reason": "stop", "logprobs": None}
-                       for i, p in enumerate(prompts)]
-            payload = json.dumps({"id": "x", "object": "text_completion", "model": body["model"],
-                                  "choices": choices}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    def answer(body, n):
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        return 200, {"id": "x", "object": "text_completion", "model": body["model"],
+                     "choices": [{"index": i, "text": replies[p], "finish_reason": "stop", "logprobs": None}
+                                 for i, p in enumerate(prompts)]}
 
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield {"base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1", "model": "m3", "engine": "stand-in"}
-    httpd.shutdown()
-    httpd.server_close()
+    with StandIn(answer) as s:
+        yield s.server
 
 
 def test_known_completions_get_known_scores_under_both_filters(stand_in, tmp_path):

@@ -10,14 +10,11 @@ detectors are tested against small stand-in servers that do exactly that, and sa
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CPU_SERVE
+from conftest import CPU_SERVE, StandIn
 from transformers import AutoTokenizer
 
 from m3lab import numerics, serve
@@ -145,39 +142,7 @@ def test_nan_logprobs_are_an_http_400_finding_on_an_engine_that_returns_them(ser
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stand-ins (mocks, said so): behaviours of GPU engines that nothing on this CPU has.
-
-
-class _StandIn:
-    """A /v1/completions server whose answers are `answer(body, n)` (n: how many requests it has seen)."""
-
-    def __init__(self, answer) -> None:
-        seen = {"n": 0}
-        lock = threading.Lock()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with lock:
-                    seen["n"] += 1
-                    n = seen["n"]
-                payload = json.dumps(answer(body, n)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.server = {"base_url": f"http://127.0.0.1:{self.httpd.server_address[1]}/v1", "model": "m3"}
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+# Stand-ins (mocks, said so; conftest.StandIn): behaviours of GPU engines that nothing on this CPU has.
 
 
 def _completion(text: str, logprobs: list[float] | None = None) -> dict[str, Any]:
@@ -191,11 +156,8 @@ PROBES = [numerics.Probe(10, 10, "alpha", [1, 2]), numerics.Probe(20, 20, "beta"
 
 @pytest.mark.parametrize("flaky,verdict", [(False, "pass"), (True, "fail")])
 def test_determinism_fires_only_on_answers_that_change(flaky, verdict):
-    s = _StandIn(lambda body, n: _completion(f"{body['prompt']} {n % 2 if flaky else 0}"))
-    try:
+    with StandIn(lambda body, n: (200, _completion(f"{body['prompt']} {n % 2 if flaky else 0}"))) as s:
         r = numerics.check_determinism(s.server, PROBES, 4, repeats=3, timeout_s=10)
-    finally:
-        s.close()
     assert r["verdict"] == verdict and (r["mismatch_rate"] > 0) == flaky
 
 
@@ -206,36 +168,16 @@ def test_prefix_cache_ab_fires_only_when_cached_answers_differ(poisoned, verdict
     def answer(body, n):
         salts[body["cache_salt"]] = salts.get(body["cache_salt"], 0) + 1
         hit = salts[body["cache_salt"]] > 1  # a salt seen before: its blocks are cached
-        return _completion("0000" if hit and poisoned else "4821.", [-0.1, -0.2])
+        return 200, _completion("0000" if hit and poisoned else "4821.", [-0.1, -0.2])
 
-    s = _StandIn(answer)
-    try:
+    with StandIn(answer) as s:
         r = numerics.check_prefix_cache(s.server, PROBES, 4, timeout_s=10)
-    finally:
-        s.close()
     assert r["verdict"] == verdict
     assert all(row["same_tokens"] is not poisoned for row in r["rows"])
 
 
 def test_an_engine_that_refuses_cache_salt_makes_the_ab_not_run_rather_than_red():
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            payload = b'{"error": {"message": "extra fields not permitted: cache_salt", "code": 400}}'
-            self.send_response(400)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        r = numerics.check_prefix_cache({"base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1",
-                                         "model": "m3"}, PROBES, 4, timeout_s=10)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    refusal = {"error": {"message": "extra fields not permitted: cache_salt", "code": 400}}
+    with StandIn(lambda body, n: (400, refusal)) as s:
+        r = numerics.check_prefix_cache(s.server, PROBES, 4, timeout_s=10)
     assert r["verdict"] == "not run" and "refused a cache_salt request (HTTP 400" in r["reason"]
