@@ -7,8 +7,13 @@
    checkpoint's tokenizer and compared position by position up to the first divergence: the *token match rate*
    is the length of the common prefix over the longer sequence (1.0 = identical). Greedy decoding diverges for
    good after one different token, which is why the prefix is what counts.
-3. Accuracy evals (params `correctness.evals`): the real lm-eval harness against the server (`m3lab.evals`),
-   one run per seed; the claims ledger reads their scores.
+3. Chat checks (params `correctness.chat`): a reasoning and a tool-call prompt through /v1/chat/completions,
+   judged on the parsed message (the engine's parsers, or m3lab.parsers on raw M3 text).
+4. Accuracy evals (params `correctness.evals`): the real lm-eval harness against the server (`m3lab.evals`),
+   one run per seed; the claims ledger reads their scores. With `correctness.baseline`, the same evals on the
+   unquantized checkpoint (a second server) or another profile's run, paired item by item (m3lab.evals.paired).
+5. Numerics (params `correctness.numerics`, m3lab.numerics): non-finite outputs, determinism, parity at length,
+   prefix-cache A/B. Last, because its concurrent batch is what crashed vLLM 0.25.1.
 """
 
 from __future__ import annotations
@@ -123,7 +128,11 @@ def run_chat_check(server: dict[str, Any], check: dict[str, Any]) -> dict[str, A
             problems.append(f"no call to {want['name']} (calls: {[c.get('name') for c in calls]})")
         else:
             args = hit[0].get("arguments")
-            args = json.loads(args) if isinstance(args, str) else (args or {})
+            try:
+                args = json.loads(args) if isinstance(args, str) else (args or {})
+            except json.JSONDecodeError:
+                problems.append(f"{want['name']}'s arguments are not JSON: {args[:80]!r}")
+                args = {}
             problems += [f"{want['name']}.{k} is {args.get(k)!r}, expected {v!r}"
                          for k, v in want["arguments"].items() if args.get(k) != v]
     return {"id": check["id"], "parser": "the engine's" if engine_parsed else "m3lab.parsers",
