@@ -178,7 +178,9 @@ def test_routed_expert_dropout_drops_only_in_training_and_spares_the_shared_expe
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
         mlp = model.model.language_model.layers[1].mlp
-        x = torch.randn(64, TinySpec().hidden_size)
-        assert torch.equal(mlp.shared_experts(x), mlp.shared_experts(x))  # never dropped
+        # the hook sits on the routed experts, never on the shared expert (a misplaced hook fails here)
+        assert len(mlp.experts._forward_hooks) == 1 and not mlp.shared_experts._forward_hooks
+        dense = model.model.language_model.layers[0].mlp
+        assert len(dense._forward_hooks) == 1  # the dense first layer's MLP, at dense_p
         model.eval()  # inference: the full model, no masks
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
