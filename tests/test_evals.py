@@ -103,9 +103,11 @@ def test_card_001_command_verbatim(tmp_path):
               "model_dir": "/mnt/amd/MiniMax-M3-MXFP4"}
     card_argv = shlex.split(CARD_001.replace("\\\n", " "))
     out = tmp_path / "out"
-    # No seeds: the card gives none, so lm-eval's default seeds, exactly as the card ran.
-    assert build_command(CARD_001_EVAL, server, out, None) == card_argv + ["--output_path", str(out)]
-    assert build_command(CARD_001_EVAL, server, out, 42) == card_argv + ["--seed", "42", "--output_path", str(out)]
+    # No seeds: the card gives none, so lm-eval's default seeds, exactly as the card ran. m3lab adds only
+    # --log_samples (one record per item, for paired recoveries) and the output folder.
+    assert build_command(CARD_001_EVAL, server, out, None) == card_argv + ["--log_samples", "--output_path", str(out)]
+    assert build_command(CARD_001_EVAL, server, out, 42) == card_argv + ["--seed", "42", "--log_samples",
+                                                                         "--output_path", str(out)]
 
 
 def test_local_task_gets_include_path_and_json_keeps_its_braces(tmp_path):
