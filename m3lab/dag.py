@@ -308,23 +308,45 @@ def _run_lock(profile_dir: Path):
 def _signals_as_interrupt():
     """SIGTERM and SIGHUP (how schedulers, CI and closed terminals stop a job) end a run the way Ctrl-C does:
     servers stopped, the stage and run marked `interrupted`, summary and index written."""
+    pending: list[int] = []
+    done = threading.Event()
+
     def interrupt(signum, frame):
+        pending.append(signum)
         raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def redeliver():
+        # A KeyboardInterrupt raised while Python runs a weakref callback or __del__ is printed as "Exception
+        # ignored" and lost (seen: SIGTERM during a notebook stage's garbage collection). Until the runner starts
+        # its cleanup (_ignore_further_signals), deliver the signal again every second.
+        while not done.wait(1.0):
+            if pending and not _CLEANING.is_set():
+                signal.pthread_kill(main, pending[-1])  # a real signal: it also wakes a blocking sleep or wait
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
+    _CLEANING.clear()
+    main = threading.main_thread().ident
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
+    watchdog = threading.Thread(target=redeliver, name="m3lab-signal-redelivery", daemon=True)
+    watchdog.start()
     try:
         yield
     finally:
+        done.set()
+        watchdog.join(timeout=5)  # no re-delivery may land after the default handlers are back
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 
 
+_CLEANING = threading.Event()  # set once the runner has caught the interrupt and is stopping servers
+
+
 def _ignore_further_signals() -> None:
+    _CLEANING.set()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
@@ -384,6 +406,7 @@ def _run(params: Params, profile_dir: Path, only: str | None, from_: str | None,
                     _execute_notebook(st, run_dir, params, st.slice(resolved))
                     info.update(status="ok")
                 except KeyboardInterrupt:
+                    _CLEANING.set()  # caught: no more re-deliveries (see _signals_as_interrupt)
                     info.update(status="interrupted", duration_s=round(time.monotonic() - t0, 2))
                     write_json(run_dir / st.name / "status.json", info)
                     rep.stages[st.name] = info
@@ -399,6 +422,7 @@ def _run(params: Params, profile_dir: Path, only: str | None, from_: str | None,
             rep.stages[st.name] = info
         rep.status = "failed" if failed else "ok"
     except KeyboardInterrupt:
+        _CLEANING.set()
         rep.status = "interrupted"
         echo("m3lab: interrupted — stopping servers")
     finally:

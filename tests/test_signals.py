@@ -22,10 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _quick_profile(tmp_path: Path) -> Path:
-    """cpu-tiny without the quantizer (pass-through), so a server is up within seconds."""
+    """cpu-tiny without the quantizer (pass-through), so a server is up within seconds; no baseline (it would be
+    the served checkpoint itself, which params refuse)."""
     p = tmp_path / "sig.yaml"
     p.write_text(yaml.safe_dump({"extends": str(PARAMS_DIR / "cpu-tiny.yaml"), "profile": "sig",
-                                 "quantize": {"recipe": "none"}, "claims": []}))
+                                 "quantize": {"recipe": "none"}, "correctness": {"baseline": None},
+                                 "claims": []}))
     return p
 
 
@@ -74,3 +76,23 @@ def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path):
     (profile_dir / ".run.lock").write_text("pid 999999, started long ago")  # its holder died: no flock held
     with _run_lock(profile_dir):
         assert f"pid {os.getpid()}" in (profile_dir / ".run.lock").read_text()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost one, on purpose
+def test_a_sigterm_lost_in_a_del_is_delivered_again():
+    """A KeyboardInterrupt raised while Python runs a __del__ or weakref callback is printed as "Exception
+    ignored" and lost (a real SIGTERM mid-run was lost that way). The runner delivers it again until it is
+    caught."""
+    from m3lab import dag
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, inside __del__: its exception is lost
+            time.sleep(0.05)
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with dag._signals_as_interrupt():
+            Finalised()
+            time.sleep(10)  # re-delivered within about a second
+    assert time.monotonic() - t0 < 5
