@@ -172,6 +172,8 @@ def test_each_reference_names_the_commit_that_made_it(name):
     prov = json.loads((REPO_ROOT / "results" / "reference" / name / "provenance.json").read_text())
     git = prov["git"]
     assert "git_sha" not in prov and re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and git["source"]
+    # tools/verify_reference_commit.py: the run's own stage fingerprints, recomputed from that commit's code
+    assert git["verified"].startswith("all 7 stage fingerprints") and git["commit"][:7] in git["verified"]
     known = subprocess.run(["git", "cat-file", "-e", f"{git['commit']}^{{commit}}"], cwd=REPO_ROOT,
                            capture_output=True)
     in_checkout = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=REPO_ROOT, capture_output=True).returncode == 0
