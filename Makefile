@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench clean-results
+.PHONY: setup envs run test bench clean-results
 
 $(BIN)/m3lab: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,12 @@ $(BIN)/m3lab: pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(BIN)/m3lab
 
-setup: $(BIN)/m3lab
+# The quantizers' own pinned environments (m3lab/envs/<name>.txt → .envs/<name>/, see m3lab/envs/__init__.py):
+# rebuilt when their requirements change.
+envs: $(BIN)/m3lab $(wildcard m3lab/envs/*.txt)
+	$(BIN)/python -m m3lab.envs build
+
+setup: $(BIN)/m3lab envs
 
 run: setup
 	$(BIN)/m3lab run

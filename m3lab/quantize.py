@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from m3lab import envs
 from m3lab.digest import artifact, verify_artifacts
 from m3lab.fingerprint import code_digest
 from m3lab.quant.core import QuantizeError, QuantRecipe, quantize
@@ -36,8 +37,11 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         # report say what is actually on disk (formats and bits per weight are read from the files).
         recipe = QuantRecipe.from_params({"recipe": "none", "verify": cfg["verify"]})
     else:
-        recipe = QuantRecipe.from_params({k: cfg[k] for k in ("recipe", "ignore", "verify")})
+        recipe = QuantRecipe.from_params({k: v for k, v in cfg.items() if k != "tool"})
     code = code_digest(["m3lab.quant.core", RECIPES.get(recipe.recipe).module])
+    env_name = RECIPES.get(recipe.recipe).meta.get("env")
+    if env_name:  # the recipe's pinned packages decide its output as much as its code
+        code = [code, envs.record(env_name)["requirements_sha256"]]
     key = hashlib.sha256(json.dumps([download["commit"], download["model_dir"], cfg, code],
                                     sort_keys=True).encode()).hexdigest()[:16]
     out = ctx.cache_dir / "quantized" / f"{Path(download['model_dir']).name}-{recipe.recipe}-{key}"
@@ -50,12 +54,19 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         if not verify_artifacts(earlier):
             return {**earlier, "card_recipe": cfg["recipe"], "cache": "reused an intact folder made earlier"}
     isolated = os.environ.get("M3LAB_QUANTIZE_PYTHONPATH")
-    if isolated and recipe.recipe != "none":
+    environment: dict[str, Any] | None = None
+    if env_name:
+        # The recipe's own pinned environment (m3lab.envs): checked before anything is written.
+        path = envs.pythonpath(env_name, f"quantize.recipe {recipe.recipe!r}")
+        environment = envs.record(env_name)
+        result = _quantize_isolated(download["model_dir"], out, recipe, path)
+    elif isolated and recipe.recipe != "none":
+        environment = {"name": "M3LAB_QUANTIZE_PYTHONPATH", "path": isolated}
         result = _quantize_isolated(download["model_dir"], out, recipe, isolated)
     else:
         result = quantize(download["model_dir"], out, recipe).to_dict()
     result = {**result, "card_recipe": cfg["recipe"], "published": bool(download.get("published")),
-              "artifacts": {"model": artifact(out)}}
+              "environment": environment, "artifacts": {"model": artifact(out)}}
     write_json(made, result)  # hidden: not part of the folder's own manifest
     return {**result, "cache": "made"}
 

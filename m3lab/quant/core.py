@@ -124,6 +124,9 @@ class QuantRecipe:
     recipe: str
     ignore: list[str] | None  # compressed-tensors targets to leave in bf16 ("re:" prefix = regex)
     verify: bool  # reload on CPU + generate + shared-expert reload check; False if it cannot fit in RAM
+    # The recipe's own options section (quantize.quark / .autoround / .mlx, per RECIPES meta "options"), as a
+    # dict; None for recipes without one.
+    options: dict[str, Any] | None = None
     out_dir: str | None = None  # where the output goes; None: "<src_dir>.<recipe>" next to the download
     max_shard_size: str = "5GB"  # bounds memory when shards are rewritten with hub names
 
@@ -137,7 +140,9 @@ class QuantRecipe:
         except ValidationError as e:
             raise ValueError("; ".join(f"{'.'.join(('quantize',) + tuple(map(str, err['loc'])))}: "
                                        f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())) from None
-        return cls(recipe=q.recipe, ignore=q.ignore, verify=q.verify, **runtime)
+        need = RECIPES.get(q.recipe).meta.get("options")
+        options = getattr(q, need).model_dump() if need else None
+        return cls(recipe=q.recipe, ignore=q.ignore, verify=q.verify, options=options, **runtime)
 
     def __post_init__(self) -> None:
         entry = RECIPES.get(self.recipe)  # an unknown name lists the registered ones

@@ -1,0 +1,5 @@
+import sys
+
+from m3lab.envs import main
+
+sys.exit(main())
