@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 
+from m3lab import envs
 from m3lab.transport import is_loopback
 from m3lab.registry import ENGINES, EVAL_RUNNERS, FAULTS, RECIPES, STAGES, Registry
 
@@ -242,6 +243,9 @@ class Serve(_Section):
     # profile states an engine plugin it needs, e.g. tools/f2/vllm_plugin (the fix for vLLM 0.25.1's M3 sparse
     # path, vLLM #48603). Setting PYTHONPATH in `env` instead would replace the path the engine runs from.
     python_path: list[str] = Field(default_factory=list)
+    # A pinned environment of m3lab's (m3lab/envs/<name>.txt, built by `make setup`) put in front of the server's
+    # path, e.g. the quantizer library an engine needs to load that recipe's checkpoint.
+    environment: str | None = None
 
     # Sampling the card's users set server-side (card 003: temperature 1.0, top_p 0.95, top_k 40); m3lab's own
     # measuring requests stay greedy unless a stage says otherwise.
@@ -258,6 +262,9 @@ class Serve(_Section):
         if "PYTHONPATH" in self.env:
             raise ValueError("env: PYTHONPATH would replace the path the engine runs from; list the folders in "
                              "serve.python_path instead (they are put in front of it)")
+        if self.environment is not None and self.environment not in envs.names():
+            raise ValueError(f"environment: unknown environment {self.environment!r}; m3lab/envs/ has "
+                             f"{', '.join(envs.names()) or 'none'}")
         for folder in self.python_path:
             path = Path(folder) if Path(folder).is_absolute() else REPO_ROOT / folder
             if not path.is_dir():

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from m3lab import client, procs
+from m3lab import client, envs, procs
 from m3lab.engines import served_checkpoint
 from m3lab.registry import ENGINES
 from m3lab.stage import REPO_ROOT, StageContext, StageError, read_json, write_json
@@ -99,6 +99,8 @@ def server_env(serve: dict[str, Any]) -> dict[str, str]:
     """serve.env, with serve.python_path in front of the inherited PYTHONPATH."""
     env = dict(serve.get("env") or {})
     extra = python_path(serve)
+    if serve.get("environment"):  # m3lab/envs/<name>: its overlay, then the repo root (m3lab from source)
+        extra += envs.pythonpath(serve["environment"], "serve.environment").split(os.pathsep)[:2]
     if extra:
         env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in [os.environ.get("PYTHONPATH", "")] if p])
     return env
@@ -190,6 +192,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "tokenizer_dir": served_dir,
         "text_only": bool(serve.get("text_only", False)),
         "python_path": serve.get("python_path") or [],  # engine plugins the profile states (e.g. a vLLM fix)
+        "environment": envs.record(serve["environment"]) if serve.get("environment") else None,
         "max_model_len": model["max_model_len"],
         "smoke": smoke,
         "fault": serve.get("fault", "none"),

@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 __all__ = ["EnvError", "names", "requirements_file", "envs_dir", "env_dir", "status", "require", "build",
-           "pythonpath"]
+           "pythonpath", "activate", "record"]
 
 DATA = ("envs/*.txt",)  # m3lab.fingerprint: an edited pin changes the fingerprint of every stage that imports this
 _HERE = Path(__file__).resolve().parent
@@ -100,6 +100,7 @@ def build_command(name: str) -> str:
 def require(name: str, who: str) -> Path:
     """The overlay folder of a built, current environment; otherwise an EnvError that says who needs it and how
     to build it."""
+    requirements_file(name)  # an unknown name lists the known ones
     state = status(name)
     if state != "ready":
         why = "is not built" if state == "missing" else "was built from other requirements than " \
@@ -113,6 +114,22 @@ def pythonpath(name: str, who: str) -> str:
     as in the parent), then whatever the parent had."""
     parts = [str(require(name, who)), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
     return os.pathsep.join(p for p in parts if p)
+
+
+def activate(name: str, who: str) -> Path:
+    """Put environment `name` in front of this process's own sys.path (for an in-process offline reference,
+    e.g. correctness loading an AutoRound checkpoint in transformers). Refused if the overlay holds a package
+    this process has already imported: the old copy would keep running, silently."""
+    path = require(name, who)
+    tops = {p.name.split("-")[0].split(".")[0] for p in path.iterdir() if not p.name.startswith(".")
+            and (p.is_dir() or p.suffix == ".py") and not p.name.endswith((".dist-info", ".data"))}
+    clash = sorted(t for t in tops if t in sys.modules and t != "__pycache__")
+    if clash:
+        raise EnvError(f"{who}: environment {name!r} holds {clash}, already imported in this process from "
+                       f"elsewhere; run it in a child process instead")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    return path
 
 
 def record(name: str) -> dict[str, object]:
