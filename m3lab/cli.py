@@ -64,6 +64,12 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     return inspector.main([a.model_dir] + (["--json"] if a.json else []))
 
 
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from m3lab import compare
+
+    return compare.main(a.run_a, a.run_b, a.gpu_memory_gib)
+
+
 def _cmd_verify(a: argparse.Namespace) -> int:
     return digest.main(a.paths)
 
@@ -110,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
                         "file changed or is missing")
     ve.add_argument("paths", nargs="+", metavar="PATH", help="a run folder, a profile folder or a results folder")
     ve.set_defaults(fn=_cmd_verify)
+
+    co = sub.add_parser("compare", help="run B against run A cell for cell (needle, numerics, evals, prompts; "
+                        "benchmark ratio) and B's memory plan against vLLM's start-up facts; exit 1 if they differ")
+    co.add_argument("run_a")
+    co.add_argument("run_b")
+    co.add_argument("--gpu-memory-gib", type=float, default=None,
+                    help="the GPU B really ran on, if not the profile's hardware file's (nvidia-smi memory.total)")
+    co.set_defaults(fn=_cmd_compare)
 
     st = sub.add_parser("stop", help="stop servers left running by interactive notebook sessions")
     st.add_argument("profile", nargs="?", default=DEFAULT_PROFILE)

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -142,7 +143,17 @@ def run_chat_check(server: dict[str, Any], check: dict[str, Any]) -> dict[str, A
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.params["correctness"]
     server = ctx.upstream("serve")["server"]
+    seconds: dict[str, float] = {}  # wall time of each part (where the stage's time goes; bench/ reads it)
+    t = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        seconds[part] = round(now - t, 2)
+        t = now
+
     suite = run_suite(server, cfg["prompts"], cfg["max_tokens"])
+    lap("prompts")
     passed = sum(r.passed for r in suite)
     result: dict[str, Any] = {
         "prompts": [asdict(r) for r in suite],
@@ -165,14 +176,19 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         }
     else:
         result["parity"] = {"status": "not run", "reason": "correctness.parity.enabled is false in the profile"}
+    lap("parity")
     if cfg.get("chat"):
         chat = [run_chat_check(server, c) for c in cfg["chat"]]
         result["chat"] = {"checks": chat, "passed": sum(c["passed"] for c in chat), "total": len(chat),
                           "pass_rate": sum(c["passed"] for c in chat) / len(chat)}
     else:
         result["chat"] = {"status": "not run", "reason": "correctness.chat is empty in the profile"}
+    lap("chat")
     result["evals"] = run_evals(ctx, cfg, server)
+    lap("evals")
     result["numerics"] = run_numerics(ctx, cfg["numerics"], server)  # last: its concurrent batch may crash a server
+    lap("numerics")
+    result["seconds"] = seconds
     return result
 
 
