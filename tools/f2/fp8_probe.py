@@ -54,12 +54,20 @@ def compare(vdir: Path, out: Path) -> dict:
     """Per variant: needle hits (vLLM, transformers), and mean |Δ prompt logprob| vLLM vs transformers, overall
     and by 128-token block (the sparse block size), plus the share of positions where they differ by > 0.5."""
     ref = json.loads((vdir / "reference-cpu.json").read_text())
+    vllm_bf16 = out / "vllm-bf16.json"
     report = {}
     for path in sorted(out.glob("vllm-*.json")):
         got = json.loads(path.read_text())
         name = got["variant"]
+        # a variant without a CPU reference (another recipe's checkpoint) is set against vLLM's own bf16 run
+        if name in ref:
+            against, base = "transformers CPU, same checkpoint", ref[name]
+        elif vllm_bf16.is_file():
+            against, base = "vLLM bf16 (no CPU reference for this checkpoint)", json.loads(vllm_bf16.read_text())["rows"]
+        else:
+            continue
         deltas, by_block = [], {}
-        for g, r in zip(got["rows"], ref[name]):
+        for g, r in zip(got["rows"], base):
             for i, (a, b) in enumerate(zip(g["prompt_logprobs"], r["prompt_logprobs"])):
                 if a is None or b is None:
                     continue
@@ -68,13 +76,14 @@ def compare(vdir: Path, out: Path) -> dict:
                 by_block.setdefault(i // 128, []).append(d)
         finite = [d for d in deltas if math.isfinite(d)]
         report[name] = {
-            "vllm_needles": sum(r["hit"] for r in got["rows"]), "transformers_needles": sum(r["hit"] for r in ref[name]),
+            "against": against, "quantization": got.get("quantization"),
+            "vllm_needles": sum(r["hit"] for r in got["rows"]), "reference_needles": sum(r["hit"] for r in base),
             "n": len(got["rows"]), "positions": len(deltas), "nonfinite": len(deltas) - len(finite),
             "mean_abs_dlogprob": round(sum(finite) / max(len(finite), 1), 4),
             "share_gt_0.5": round(sum(d > 0.5 for d in deltas) / max(len(deltas), 1), 4),
             "mean_by_block": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_block.items())
                               if all(math.isfinite(x) for x in v)},
-            "answers": [(g["length"], g["depth"], g["answer"], r["answer"]) for g, r in zip(got["rows"], ref[name])
+            "answers": [(g["length"], g["depth"], g["answer"], r["answer"]) for g, r in zip(got["rows"], base)
                         if g["answer"] != r["answer"]][:8],
         }
     return report
